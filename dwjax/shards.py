@@ -1,0 +1,198 @@
+"""Kernel shards on disk: one directory per source, one memory-mappable `.npy` per kernel size.
+
+Layout (BUILD_NOTES.md, "Kernel shards"):
+
+    <data_dir>/manifest.json              every source: id, dir, counts, files with sha256
+    <data_dir>/<slug>/source.json         that source's entry + its depthwise-layer table
+    <data_dir>/<slug>/k5x5.npy            float32 [n, 5, 5] kernels, network order
+    <data_dir>/<slug>/k5x5.meta.npy       structured [n]: layer (int32), channel (int32)
+
+A source is written into a hidden temp directory and renamed into place, then the manifest is rebuilt
+from every `source.json` and renamed over the old one: a killed run leaves no partial shard, and a
+re-run ends with exactly the manifest an uninterrupted run writes (it holds no timestamps).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+from dwjax.extract import DepthwiseLayer
+
+FORMAT = "dwjax-kernels/1"
+META_DTYPE = np.dtype([("layer", "<i4"), ("channel", "<i4")])
+
+
+class ShardError(ValueError):
+    """The data directory is unwritable, inconsistent, or lacks what was asked for."""
+
+
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:120] or "source"
+
+
+def _atomic_json(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are for users to open
+    os.replace(tmp, path)
+
+
+def ensure_writable(data_dir: str) -> None:
+    """Creates `data_dir` if needed; raises ShardError (one line) if it cannot be written."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".tmp-probe-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise ShardError(f"--data_dir {data_dir}: not writable ({e.strerror or e})")
+
+
+def clean_temp(data_dir: str) -> None:
+    """Removes what killed runs left (hidden `.tmp-*` files and directories)."""
+    for name in os.listdir(data_dir):
+        if name.startswith(".tmp-"):
+            p = os.path.join(data_dir, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def source_complete(data_dir: str, slug: str, source_id: str) -> bool:
+    """True if `<slug>/` holds this source fully written and every file matches its sha256."""
+    path = os.path.join(data_dir, slug, "source.json")
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if entry.get("id") != source_id:
+        return False
+    for name, info in entry.get("files", {}).items():
+        p = os.path.join(data_dir, slug, name)
+        if not os.path.exists(p) or sha256_file(p) != info["sha256"]:
+            return False
+    return True
+
+
+def write_source(data_dir: str, slug: str, source_id: str, origin: dict,
+                 layers: list[DepthwiseLayer]) -> dict:
+    """Writes one source's kernels grouped by size; returns its manifest entry.
+
+    Square sizes go to `k{k}x{k}.npy`; non-square ones (inception_next's 1×11) to `k{kh}x{kw}.npy`,
+    listed apart under `nonsquare` in the entry so no stage mixes them in.
+    """
+    groups: dict[str, list[DepthwiseLayer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.size_key, []).append(layer)
+    tmp = tempfile.mkdtemp(dir=data_dir, prefix=".tmp-" + slug[:40] + "-")
+    files, counts = {}, {}
+    for key, group in groups.items():
+        kernels = np.concatenate([g.kernels for g in group]).astype(np.float32, copy=False)
+        meta = np.zeros(len(kernels), META_DTYPE)
+        meta["layer"] = np.concatenate([np.full(len(g.kernels), g.index) for g in group])
+        meta["channel"] = np.concatenate(
+            [np.arange(len(g.kernels)) if g.channels is None else g.channels for g in group])
+        for name, arr in ((f"k{key}.npy", kernels), (f"k{key}.meta.npy", meta)):
+            np.save(os.path.join(tmp, name), arr)
+            files[name] = {"sha256": sha256_file(os.path.join(tmp, name)), "shape": list(arr.shape)}
+        counts[key] = int(len(kernels))
+    entry = {
+        "id": source_id, "dir": slug, "origin": origin,
+        "counts": {k: v for k, v in sorted(counts.items()) if _is_square(k)},
+        "nonsquare": {k: v for k, v in sorted(counts.items()) if not _is_square(k)},
+        "num_layers": len(layers), "files": files,
+        "layers": [{"layer": l.index, "name": l.name, "size": l.size_key, "channels": len(l.kernels),
+                    "stride": l.stride, "dilation": l.dilation} for l in layers],
+    }
+    _atomic_json(os.path.join(tmp, "source.json"), entry)
+    os.chmod(tmp, 0o755)
+    final = os.path.join(data_dir, slug)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return entry
+
+
+def _is_square(key: str) -> bool:
+    kh, kw = key.split("x")
+    return kh == kw
+
+
+def rebuild_manifest(data_dir: str, version: str) -> dict:
+    """Rewrites manifest.json from every complete `<slug>/source.json` (sorted by id)."""
+    sources = []
+    for name in sorted(os.listdir(data_dir)):
+        p = os.path.join(data_dir, name, "source.json")
+        if not name.startswith(".") and os.path.isfile(p):
+            with open(p) as f:
+                entry = json.load(f)
+            entry.pop("layers", None)
+            sources.append(entry)
+    sources.sort(key=lambda e: e["id"])
+    totals: dict[str, int] = {}
+    for e in sources:
+        for k, n in e["counts"].items():
+            totals[k] = totals.get(k, 0) + n
+    manifest = {"format": FORMAT, "dwjax_version": version, "totals": dict(sorted(totals.items())),
+                "sources": sources}
+    _atomic_json(os.path.join(data_dir, "manifest.json"), manifest)
+    return manifest
+
+
+def read_manifest(data_dir: str) -> dict:
+    path = os.path.join(data_dir, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ShardError(f"--data_dir {data_dir}: no manifest.json (run `python -m dwjax.convert` first)")
+    except ValueError as e:
+        raise ShardError(f"{path}: corrupt manifest ({e})")
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+@dataclasses.dataclass
+class Shard:
+    """One source's kernels of one size, memory-mapped: `kernels` `[n, k, k]`, `meta` `[n]`."""
+    source: str
+    dir: str
+    kernels: np.ndarray
+    meta: np.ndarray
+    layer_names: dict[int, str]
+
+
+def iter_shards(data_dir: str, kernel_size: int) -> Iterator[Shard]:
+    """Yields every source's k×k shard in manifest order; arrays are read-only memmaps."""
+    key = f"{kernel_size}x{kernel_size}"
+    for entry in read_manifest(data_dir)["sources"]:
+        if key not in entry["counts"]:
+            continue
+        d = os.path.join(data_dir, entry["dir"])
+        with open(os.path.join(d, "source.json")) as f:
+            layers = json.load(f)["layers"]
+        yield Shard(entry["id"], entry["dir"], np.load(os.path.join(d, f"k{key}.npy"), mmap_mode="r"),
+                    np.load(os.path.join(d, f"k{key}.meta.npy"), mmap_mode="r"),
+                    {l["layer"]: l["name"] for l in layers})
+
+
+def count_kernels(data_dir: str, kernel_size: int) -> int:
+    return int(read_manifest(data_dir)["totals"].get(f"{kernel_size}x{kernel_size}", 0))
