@@ -1,0 +1,94 @@
+"""Kernel preprocessing and the cosine dissimilarity: the one implementation every stage uses.
+
+A kernel x (k×k) becomes r = (x − mean x) / ‖x − mean x‖: centred and unit length, so it lies on the
+unit sphere of the hyperplane 1ᵀr = 0 and is invariant to x → a·x + b (a > 0). In an orthonormal
+basis B (k²×(k²−1)) of that hyperplane, r has coordinates c = Bᵀr with ‖c‖ = 1, and for any two
+kernels the mean-centred cosine of the pixel vectors equals the *plain* cosine of their coordinates.
+The coordinates are not zero-mean: centring them again would change the angle (a wrong loss).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+# Centred norm below this fraction of the raw norm: a dead or constant kernel (EfficientNet-Lite has
+# all-zero channels). Relative, so a·x keeps its verdict; 1e-5 is ~100× float32 rounding of a constant.
+DEAD_RELATIVE_NORM = 1e-5
+
+
+def valid_mask(kernels: np.ndarray) -> np.ndarray:
+    """`[N]` bool: False for kernels whose centred norm is ~0 (dropped and counted, never NaN).
+
+    Args:
+      kernels: `[N, k, k]` (or `[N, k*k]`), any float dtype; computed in float64 on the host.
+    """
+    flat = np.asarray(kernels, np.float64).reshape(len(kernels), -1)
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    cn = np.linalg.norm(centred, axis=1)
+    raw = np.linalg.norm(flat, axis=1)
+    return cn > DEAD_RELATIVE_NORM * raw + 1e-30
+
+
+@functools.lru_cache(maxsize=None)
+def _basis_np(kernel_size: int) -> np.ndarray:
+    n = kernel_size * kernel_size
+    # Helmert basis: column j (1..n-1) is (1,…,1, −j, 0,…,0)/√(j(j+1)) with j ones. Orthonormal,
+    # orthogonal to 1, exact and independent of any random seed or LAPACK version.
+    b = np.zeros((n, n - 1), np.float64)
+    for j in range(1, n):
+        b[:j, j - 1] = 1.0
+        b[j, j - 1] = -float(j)
+        b[:, j - 1] /= np.sqrt(j * (j + 1.0))
+    return b
+
+
+def hyperplane_basis(kernel_size: int) -> np.ndarray:
+    """`[k*k, k*k-1]` float32 orthonormal basis of {r : 1ᵀr = 0} (columns)."""
+    return _basis_np(kernel_size).astype(np.float32)
+
+
+def centre_and_normalise(kernels):
+    """`[N, k, k]` or `[N, k*k]` → `[N, k*k]` centred unit vectors (zero vector for a dead kernel)."""
+    flat = jnp.reshape(kernels, (kernels.shape[0], -1)).astype(jnp.float32)
+    centred = flat - jnp.mean(flat, axis=1, keepdims=True)
+    norm = jnp.linalg.norm(centred, axis=1, keepdims=True)
+    return centred / jnp.where(norm > 0, norm, 1.0)
+
+
+def embed(kernels, basis=None):
+    """`[N, k, k]` → `[N, k*k-1]` unit coordinates in the hyperplane basis (jit-able)."""
+    k = int(round(np.sqrt(np.prod(kernels.shape[1:]))))
+    basis = hyperplane_basis(k) if basis is None else basis
+    return centre_and_normalise(kernels) @ basis
+
+
+def unembed(coords, kernel_size: int):
+    """`[N, k*k-1]` coordinates → `[N, k, k]` pixel-space kernels (centred; unit if coords are)."""
+    return jnp.reshape(coords @ hyperplane_basis(kernel_size).T, (-1, kernel_size, kernel_size))
+
+
+def cosine_dissimilarity(x, y):
+    """Row-wise 1 − cos(x, y) of coordinate vectors `[N, d]`, `[N, d]` → `[N]`.
+
+    On hyperplane coordinates this *is* the mean-centred cosine dissimilarity of the kernels.
+    """
+    num = jnp.sum(x * y, axis=-1)
+    den = jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1)
+    return 1.0 - num / jnp.maximum(den, 1e-12)
+
+
+def normalise_rows(x):
+    """`[M, d]` → rows scaled to unit length (zero rows stay zero)."""
+    n = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.maximum(n, 1e-12)
+
+
+def centred_cosine_dissimilarity_pixels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Reference in pixel space, numpy float64: 1 − cos(a − mean a, b − mean b), `[N, k, k]` → `[N]`."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    return 1.0 - (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
