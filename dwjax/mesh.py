@@ -1,0 +1,26 @@
+"""One device mesh for data parallelism: axis "data" over every device of every process."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def data_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def shard_batch(mesh: Mesh, host_array: np.ndarray) -> jax.Array:
+    """This process's rows of a global batch → a global array sharded along axis 0."""
+    sharding = batch_sharded(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(host_array, sharding)
+    return jax.make_array_from_process_local_data(sharding, host_array)

@@ -1,0 +1,281 @@
+"""Stage 2: train the 1-D-code autoencoder.  `python -m dwjax.train --kernel_size=5`
+
+Data-parallel over every device of every host: the global batch is sharded along the mesh's "data"
+axis, parameters and optimizer state are replicated, and the jitted step's gradient mean is the
+all-reduce. The same code runs on one CPU, 8 TPU cores or several hosts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from dwjax import checkpointing, data, mesh as mesh_lib, model as model_lib, paths, preprocess, shards
+
+
+class TrainError(ValueError):
+    """Training cannot start (bad config, data, or workdir): one-line message."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: model_lib.Autoencoder   # trained, ready for encode/decode
+    params: dict                   # pure-dict parameters (host arrays)
+    workdir: str
+    eval_loss: float               # mean cosine dissimilarity over every valid kernel
+    num_kernels: int
+    num_dropped: int
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    total = max(1, int(config.num_epochs * steps_per_epoch))
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+    if config.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, warmup, total, config.learning_rate * config.end_learning_rate_fraction)
+    elif config.schedule == "constant":
+        lr = config.learning_rate
+    else:
+        raise TrainError(f"--config.schedule {config.schedule!r}: expected cosine or constant")
+    if config.optimizer == "adam":
+        return optax.adam(lr)
+    if config.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return optax.sgd(lr, momentum=0.9)
+    raise TrainError(f"--config.optimizer {config.optimizer!r}: expected adam, adamw or sgd")
+
+
+def loss_fn(graphdef, params, kernels):
+    """Mean cosine dissimilarity between kernels `[B, k, k]` and their reconstructions (scalar)."""
+    coords = preprocess.embed(kernels)
+    recon = nnx.merge(graphdef, nnx.State(params))(coords)
+    return jnp.mean(preprocess.cosine_dissimilarity(coords, recon))
+
+
+def make_train_step(graphdef, tx, mesh):
+    rep, bat = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+
+    def step(params, opt_state, kernels):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, kernels))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, in_shardings=(rep, rep, bat), out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
+
+
+def evaluate(graphdef, params, dataset: data.KernelDataset, batch_size: int, mesh) -> float:
+    """Mean dissimilarity over every valid kernel (padding masked out)."""
+    n_dev = mesh.devices.size
+    batch_size = max(n_dev, batch_size // n_dev * n_dev)
+
+    @jax.jit
+    def batch_sum(params, kernels, weight):
+        coords = preprocess.embed(kernels)
+        recon = nnx.merge(graphdef, nnx.State(params))(coords)
+        return jnp.sum(preprocess.cosine_dissimilarity(coords, recon) * weight)
+
+    total = 0.0
+    for index in dataset.all_batches(batch_size):
+        kernels = dataset.gather(index)
+        weight = np.ones(batch_size, np.float32)
+        if len(kernels) < batch_size:  # pad to one compiled shape; the pad rows weigh 0
+            weight[len(kernels):] = 0
+            kernels = np.concatenate([kernels, np.repeat(kernels[:1], batch_size - len(kernels), 0)])
+        total += float(batch_sum(params, mesh_lib.shard_batch(mesh, kernels), mesh_lib.shard_batch(mesh, weight)))
+    return total / len(dataset)
+
+
+def _check_config(config, n_dev: int, n_valid: int) -> None:
+    if config.batch_size % n_dev:
+        raise TrainError(f"--config.batch_size {config.batch_size}: not divisible by the {n_dev} devices")
+    if n_valid < config.batch_size:
+        raise TrainError(f"--config.batch_size {config.batch_size}: larger than the {n_valid} usable kernels")
+
+
+def _write_config(workdir: str, config, arch: dict) -> None:
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("architecture") != arch:
+            raise TrainError(f"{path}: workdir was trained with {json.dumps(old.get('architecture'))}, "
+                             f"this config is {json.dumps(arch)}; use another --workdir")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"architecture": arch, "config": json.loads(config.to_json_best_effort())}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drops metric lines past the restored step, so a resumed run writes nothing twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
+                       log=print, stop_after_epochs: int | None = None) -> TrainResult:
+    """Trains (resuming from `workdir`'s latest checkpoint if any) and evaluates; the notebook API.
+
+    `stop_after_epochs` ends the run early without a final save (tests use it to simulate a kill).
+    """
+    mesh = mesh_lib.data_mesh()
+    dataset = data.KernelDataset(data_dir, config.kernel_size)
+    _check_config(config, mesh.devices.size, len(dataset))
+    arch = model_lib.architecture(config)
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(workdir, config, arch)
+    steps_per_epoch = len(dataset) // config.batch_size
+    model = model_lib.build_model(config.kernel_size, config.model.hidden, config.model.negative_slope, config.seed)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    tx = make_optimizer(config, steps_per_epoch)
+    train_state = {"params": params, "opt_state": tx.init(params)}
+    mngr = checkpointing.manager(workdir, config.max_to_keep)
+    restored, meta = checkpointing.restore_latest(mngr, train_state, arch)
+    start_epoch = 0
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if restored is not None:
+        train_state, start_epoch = restored, int(meta["epoch"])
+        log(f"resumed from {workdir}/checkpoints/{meta['step']} (epoch {start_epoch})")
+        _truncate_metrics(metrics_path, int(meta["step"]))
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    rep = mesh_lib.replicated(mesh)
+    params = jax.device_put(train_state["params"], rep)
+    opt_state = jax.device_put(train_state["opt_state"], rep)
+    step_fn = make_train_step(graphdef, tx, mesh)
+    log(f"training k={config.kernel_size} on {len(dataset):,} kernels ({dataset.num_dropped} dead dropped), "
+        f"{mesh.devices.size} device(s), batch {config.batch_size}, {steps_per_epoch} steps/epoch")
+    pid, npro = jax.process_index(), jax.process_count()
+    local = config.batch_size // npro
+    with open(metrics_path, "a") as metrics:
+        for epoch in range(start_epoch, config.num_epochs):
+            t0 = time.perf_counter()
+            losses = []
+            for b, index in dataset.epoch_batches(epoch, config.seed, config.batch_size):
+                # Every host draws the same global batch and loads its own slice of it.
+                kernels = dataset.gather(index)[pid * local:(pid + 1) * local]
+                params, opt_state, loss = step_fn(params, opt_state, mesh_lib.shard_batch(mesh, kernels))
+                losses.append(loss)
+            losses = np.asarray(jax.device_get(losses), np.float64)
+            dt = time.perf_counter() - t0
+            step = (epoch + 1) * steps_per_epoch
+            if pid == 0:
+                for i, l in enumerate(losses):
+                    metrics.write(json.dumps({"step": epoch * steps_per_epoch + i + 1, "loss": float(l)}) + "\n")
+                metrics.write(json.dumps({"step": step, "epoch": epoch + 1, "epoch_loss": float(losses.mean()),
+                                          "kernels_per_s": steps_per_epoch * config.batch_size / dt}) + "\n")
+                metrics.flush()
+            log(f"epoch {epoch + 1:>4}/{config.num_epochs}  loss {losses.mean():.4f}  "
+                f"{steps_per_epoch * config.batch_size / dt:,.0f} kernels/s")
+            done = epoch + 1 == config.num_epochs
+            if done or (epoch + 1) % config.checkpoint_every_epochs == 0:
+                checkpointing.save(mngr, step, {"params": params, "opt_state": opt_state},
+                                   {"architecture": arch, "epoch": epoch + 1, "step": step})
+            if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and not done:
+                break
+    mngr.wait_until_finished()
+    mngr.close()
+    eval_loss = evaluate(graphdef, params, dataset, config.eval_batch_size, mesh)
+    params = jax.device_get(params)
+    return TrainResult(nnx.merge(graphdef, nnx.State(params)), params, workdir, eval_loss,
+                       len(dataset), dataset.num_dropped)
+
+
+def load_trained(workdir: str):
+    """`(model, config)` from a workdir's latest checkpoint (for spectrum and assign)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise TrainError(f"--workdir {workdir}: no config.json (not a dwjax training run)")
+    config = ml_collections.ConfigDict(saved["config"])
+    model = model_lib.build_model(config.kernel_size, config.model.hidden, config.model.negative_slope, config.seed)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    mngr = checkpointing.manager(workdir, config.max_to_keep)
+    tx = make_optimizer(config, 1)
+    restored, _ = checkpointing.restore_latest(mngr, {"params": params, "opt_state": tx.init(params)},
+                                               model_lib.architecture(config))
+    mngr.close()
+    if restored is None:
+        raise TrainError(f"--workdir {workdir}: no checkpoint (train first)")
+    return nnx.merge(graphdef, nnx.State(jax.device_get(restored["params"]))), config
+
+
+# ----------------------------------------------------------------------------- command line
+def quiet_logs() -> None:
+    """orbax logs every save at INFO; keep the terminal to our progress lines unless -v was given."""
+    from absl import logging
+
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+        logging.set_verbosity(logging.WARNING)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("kernel_size", None, "Kernel size k; picks configs/train.py:k (default 5).")
+flags.DEFINE_string("data_dir", None, "Kernel shards (default: the embedded default, converted if missing).")
+flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<k>).")
+config_flags.DEFINE_config_file("config", None, "Train config file (default configs/train.py:<kernel_size>).")
+
+
+def _ensure_default_data(data_dir: str) -> None:
+    """The no-flag path: convert the embedded default first if its shards are missing."""
+    try:
+        shards.read_manifest(data_dir)
+    except shards.ShardError:
+        from dwjax import convert, sources
+
+        print(f"no kernel shards in {data_dir}: converting the embedded default first")
+        convert.convert(data_dir, sources.embedded_sources())
+
+
+def main(argv):
+    del argv
+    quiet_logs()
+    config = FLAGS.config
+    if FLAGS.kernel_size is not None and config.kernel_size != FLAGS.kernel_size:
+        sys.exit(f"train: --kernel_size {FLAGS.kernel_size} disagrees with --config.kernel_size {config.kernel_size}")
+    workdir = FLAGS.workdir or paths.default_workdir(config.kernel_size)
+    try:
+        if FLAGS.data_dir is None:
+            data_dir = paths.default_data_dir()
+            _ensure_default_data(data_dir)
+        else:
+            data_dir = FLAGS.data_dir
+        result = train_and_evaluate(config, workdir, data_dir)
+    except (TrainError, data.DataError, shards.ShardError, checkpointing.CheckpointMismatch) as e:
+        sys.exit(f"train: {e}")
+    print(f"done: mean cosine dissimilarity {result.eval_loss:.4f} over {result.num_kernels:,} kernels; "
+          f"run in {workdir}")
+
+
+def run() -> None:
+    # `--kernel_size=K` selects configs/train.py:K unless --config names a file itself.
+    argv = sys.argv
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        k = next((a.split("=", 1)[1] for a in argv if a.startswith("--kernel_size=")), "5")
+        argv = [argv[0], f"--config={os.path.join(paths.configs_dir(), 'train.py')}:{k}"] + argv[1:]
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()
