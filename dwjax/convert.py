@@ -12,17 +12,9 @@ import time
 from absl import app, flags
 
 import dwjax
-from dwjax import paths, shards
+from dwjax import checkpoint_io, paths, shards
 from dwjax.sources import Source, SourceError, resolve_sources
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("models", [], "timm names, optionally with a pretrained tag (convnextv2_tiny.fcmae_ft_in22k_in1k).")
-flags.DEFINE_string("model_set", None, "A model set from configs/model_sets.py (paper_5x5, paper_7x7).")
-flags.DEFINE_bool("pretrained", True, "Hub weights for --models; false: random init (seeded), the untrained control.")
-flags.DEFINE_integer("seed", 0, "torch seed for --pretrained=false.")
-flags.DEFINE_string("checkpoint", None, "A local .pth/.pt/.bin/.safetensors; with one --models name, loaded through timm.")
-flags.DEFINE_string("kernels_npz", None, "A .npz with kernels [N,k,k] (optional layer, channel [N]).")
-flags.DEFINE_string("data_dir", None, "Output directory (default $DWJAX_HOME/data).")
 
 
 def convert(data_dir: str, sources: list[Source], log=print) -> dict:
@@ -77,6 +69,20 @@ def _remove_if_empty(path: str) -> None:
         pass
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so importing the core defines none."""
+    flags.DEFINE_list("models", [], "timm names, optionally with a pretrained tag (convnextv2_tiny.fcmae_ft_in22k_in1k).")
+    flags.DEFINE_string("model_set", None, "A model set from configs/model_sets.py (paper_5x5, paper_7x7).")
+    flags.DEFINE_bool("pretrained", True, "Hub weights for --models; false: random init (seeded), the untrained control.")
+    flags.DEFINE_integer("seed", 0, "torch seed for --pretrained=false.")
+    flags.DEFINE_string("checkpoint", None, "A local .pth/.pt/.bin/.safetensors; with one --models name, loaded through timm.")
+    flags.DEFINE_string("kernels_npz", None, "A .npz with kernels [N,k,k] (optional layer, channel [N]).")
+    flags.DEFINE_string("data_dir", None, "Output directory (default $DWJAX_HOME/data).")
+
+
 def main(argv):
     del argv
     models = list(FLAGS.models)
@@ -90,10 +96,13 @@ def main(argv):
     try:
         sources = resolve_sources(models, FLAGS.pretrained, FLAGS.seed, FLAGS.checkpoint, FLAGS.kernels_npz)
         manifest = convert(data_dir, sources)
-    except (SourceError, shards.ShardError) as e:
+    # CheckpointError: a file that opened fine but whose tensor data is cut short or corrupt is only
+    # found out by load(), after resolve_sources
+    except (SourceError, shards.ShardError, checkpoint_io.CheckpointError) as e:
         sys.exit(f"convert: {e}")
     print(f"\nkernel shards in {data_dir}\n{summary_table(manifest)}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -104,14 +104,22 @@ def _check_config(config, n_dev: int, n_valid: int) -> None:
         raise TrainError(f"--config.batch_size {config.batch_size}: larger than the {n_valid} usable kernels")
 
 
-def _write_config(workdir: str, config, arch: dict) -> None:
+def _check_workdir(workdir: str, arch: dict) -> None:
+    """Refuses a workdir trained with another kernel size or architecture, before anything is read."""
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except ValueError as e:
+            raise TrainError(f"{path}: corrupt ({e})")
         if old.get("architecture") != arch:
             raise TrainError(f"{path}: workdir was trained with {json.dumps(old.get('architecture'))}, "
                              f"this config is {json.dumps(arch)}; use another --workdir")
+
+
+def _write_config(workdir: str, config, arch: dict) -> None:
+    path = os.path.join(workdir, "config.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"architecture": arch, "config": json.loads(config.to_json_best_effort())}, f, indent=1)
@@ -135,12 +143,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
     `stop_after_epochs` ends the run early without a final save (tests use it to simulate a kill).
     """
+    arch = model_lib.architecture(config)
+    _check_workdir(workdir, arch)
     mesh = mesh_lib.data_mesh()
     dataset = data.KernelDataset(data_dir, config.kernel_size)
     _check_config(config, mesh.devices.size, len(dataset))
-    arch = model_lib.architecture(config)
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(workdir, config, arch)
     steps_per_epoch = len(dataset) // config.batch_size
     model = model_lib.build_model(config.kernel_size, config.model.hidden, config.model.negative_slope, config.seed)
     graphdef, state = nnx.split(model)
@@ -149,6 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     train_state = {"params": params, "opt_state": tx.init(params)}
     mngr = checkpointing.manager(workdir, config.max_to_keep)
     restored, meta = checkpointing.restore_latest(mngr, train_state, arch)
+    _write_config(workdir, config, arch)  # only once the workdir's checkpoint is known to fit
     start_epoch = 0
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if restored is not None:
@@ -231,10 +239,14 @@ def quiet_logs() -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("kernel_size", None, "Kernel size k; picks configs/train.py:k (default 5).")
-flags.DEFINE_string("data_dir", None, "Kernel shards (default: the embedded default, converted if missing).")
-flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<k>).")
-config_flags.DEFINE_config_file("config", None, "Train config file (default configs/train.py:<kernel_size>).")
+
+
+def define_flags() -> None:
+    """Flags are defined only when run as a program, so importing the core defines none."""
+    flags.DEFINE_integer("kernel_size", None, "Kernel size k; picks configs/train.py:k (default 5).")
+    flags.DEFINE_string("data_dir", None, "Kernel shards (default: the embedded default, converted if missing).")
+    flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<k>).")
+    config_flags.DEFINE_config_file("config", None, "Train config file (default configs/train.py:<kernel_size>).")
 
 
 def _ensure_default_data(data_dir: str) -> None:
@@ -274,6 +286,7 @@ def run() -> None:
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         k = next((a.split("=", 1)[1] for a in argv if a.startswith("--kernel_size=")), "5")
         argv = [argv[0], f"--config={os.path.join(paths.configs_dir(), 'train.py')}:{k}"] + argv[1:]
+    define_flags()
     app.run(main, argv=argv)
 
 

@@ -1,0 +1,158 @@
+"""Train stage: separation of synthetic prototypes, device-count invariance, kill/resume, refusal of
+bad checkpoints, and faithfulness to a plain PyTorch loop on the real EfficientNet-Lite kernels."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import train as train_configs
+from dwjax import preprocess, train
+from tests.conftest import run_module
+from tests.helpers import make_data_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**overrides):
+    c = train_configs.get_config("5")
+    c.batch_size, c.num_epochs, c.checkpoint_every_epochs, c.eval_batch_size = 64, 4, 2, 512
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def prototype_kernels(n_per=600, noise=0.08, seed=0):
+    """Four well-separated 5×5 prototypes (orthogonal in the hyperplane) plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(24, 4)))
+    protos = preprocess.unembed(q.T.astype(np.float32), 5)
+    labels = np.repeat(np.arange(4), n_per)
+    x = np.asarray(protos)[labels] + noise * rng.normal(size=(len(labels), 5, 5))
+    scale = rng.uniform(0.1, 3, size=(len(labels), 1, 1))
+    return (x * scale + rng.normal(size=(len(labels), 1, 1))).astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def proto_dir(tmp_path_factory):
+    x, labels = prototype_kernels()
+    d = make_data_dir(tmp_path_factory.mktemp("protos"), {"protos": x})
+    return d, x, labels
+
+
+def test_short_training_separates_prototypes(proto_dir, tmp_path):
+    d, x, labels = proto_dir
+    res = train.train_and_evaluate(small_config(num_epochs=30, learning_rate=3e-3), str(tmp_path), d,
+                                   log=lambda *_: None)
+    codes = np.asarray(res.model.encode(preprocess.embed(x)))
+    intervals = sorted((codes[labels == i].min(), codes[labels == i].max()) for i in range(4))
+    for (lo1, hi1), (lo2, hi2) in zip(intervals[:-1], intervals[1:]):
+        assert hi1 < lo2, f"prototype code intervals overlap: {intervals}"
+    # near the noise floor: the dissimilarity of each noisy kernel to its own clean prototype
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(24, 4)))
+    floor = np.mean(np.asarray(preprocess.cosine_dissimilarity(preprocess.embed(x), q.T[labels])))
+    assert floor - 0.02 < res.eval_loss < floor + 0.08, (res.eval_loss, floor)  # untrained: ~1
+
+
+_MULTI_DEVICE = r"""
+import json, sys
+from configs import train as train_configs
+from dwjax import train
+c = train_configs.get_config("5")
+c.batch_size, c.num_epochs, c.checkpoint_every_epochs, c.eval_batch_size = 64, 3, 10, 512
+import jax
+res = train.train_and_evaluate(c, sys.argv[1], sys.argv[2], log=lambda *_: None)
+losses = [json.loads(l)["loss"] for l in open(sys.argv[1] + "/metrics.jsonl") if '"loss"' in l]
+print(json.dumps({"devices": jax.device_count(), "losses": losses, "eval": res.eval_loss}))
+"""
+
+
+def test_eight_devices_match_one_device(proto_dir, tmp_path):
+    d = proto_dir[0]
+    out = {}
+    for n in (1, 8):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        p = subprocess.run([sys.executable, "-c", _MULTI_DEVICE, str(tmp_path / f"w{n}"), d],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        out[n] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out[1]["devices"] == 1 and out[8]["devices"] == 8
+    assert len(out[1]["losses"]) == len(out[8]["losses"]) == 3 * (2400 // 64)
+    np.testing.assert_allclose(out[8]["losses"], out[1]["losses"], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(out[8]["eval"], out[1]["eval"], rtol=2e-4)
+
+
+def _metric_lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(l) for l in f]
+    return [{k: v for k, v in r.items() if k != "kernels_per_s"} for r in rows]
+
+
+def test_killed_run_resumes_to_identical_parameters(proto_dir, tmp_path):
+    d = proto_dir[0]
+    cfg = small_config(num_epochs=5, checkpoint_every_epochs=2)
+    full = train.train_and_evaluate(cfg, str(tmp_path / "full"), d, log=lambda *_: None)
+    killed = str(tmp_path / "killed")
+    train.train_and_evaluate(cfg, killed, d, log=lambda *_: None, stop_after_epochs=3)  # dies after epoch 3
+    logs = []
+    resumed = train.train_and_evaluate(cfg, killed, d, log=logs.append)
+    assert any("resumed" in l and "epoch 2" in l for l in logs)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)
+    assert _metric_lines(killed) == _metric_lines(str(tmp_path / "full"))  # nothing lost or twice
+    assert resumed.eval_loss == full.eval_loss
+    # the latest checkpoint reloads into the same model
+    model, config = train.load_trained(killed)
+    x = preprocess.embed(proto_dir[1][:10])
+    np.testing.assert_array_equal(np.asarray(model.encode(x)), np.asarray(resumed.model.encode(x)))
+
+
+def test_mismatched_and_corrupt_checkpoints_are_refused(proto_dir, tmp_path):
+    d = proto_dir[0]
+    wd = str(tmp_path / "w")
+    train.train_and_evaluate(small_config(num_epochs=2), wd, d, log=lambda *_: None)
+    # another architecture, through the command line: one line, non-zero exit
+    p = run_module("dwjax.train", "--kernel_size=5", f"--data_dir={d}", f"--workdir={wd}",
+                   "--config.model.hidden=(64,32,16,8)", "--config.num_epochs=3")
+    assert p.returncode != 0
+    assert p.stderr.strip().count("\n") == 0 and "config.json" in p.stderr and "hidden" in p.stderr
+    # the same refusal from the checkpoint itself when config.json is gone
+    os.remove(os.path.join(wd, "config.json"))
+    c = small_config(num_epochs=3)
+    c.model.hidden = (64, 32, 16, 8)
+    with pytest.raises(train.checkpointing.CheckpointMismatch, match="checkpoint is for"):
+        train.train_and_evaluate(c, wd, d, log=lambda *_: None)
+    # corrupt the array data of the latest checkpoint
+    ckpt = os.path.join(wd, "checkpoints")
+    latest = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
+    for root, _, files in os.walk(os.path.join(ckpt, str(latest), "state")):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\x00garbage")
+    p = run_module("dwjax.train", "--kernel_size=5", f"--data_dir={d}", f"--workdir={wd}",
+                   "--config.batch_size=64", "--config.num_epochs=3")
+    assert p.returncode != 0
+    assert p.stderr.strip().count("\n") == 0 and "corrupt checkpoint" in p.stderr, p.stderr[-500:]
+
+
+def test_default_run_is_as_good_as_plain_pytorch(default_run_k5, embedded_dir):
+    """The port is faithful: same network, data, batch, optimizer and epochs as a plain torch loop."""
+    torch_reference = pytest.importorskip("dwjax.torch_reference")
+    import torch
+
+    torch.set_num_threads(2)
+    from dwjax import shards
+
+    cfg = train_configs.get_config("5")
+    kernels = np.concatenate([s.kernels for s in shards.iter_shards(embedded_dir, 5)])
+    coords = torch_reference.embed_live(kernels)
+    assert len(coords) == default_run_k5.num_kernels == 23854  # 23,856 5×5 minus 2 dead channels
+    _, torch_loss, _ = torch_reference.train(coords, cfg.num_epochs, cfg.batch_size, cfg.learning_rate,
+                                             cfg.warmup_epochs, cfg.end_learning_rate_fraction)
+    print(f"mean cosine dissimilarity: dwjax {default_run_k5.eval_loss:.4f}, plain PyTorch {torch_loss:.4f}")
+    assert default_run_k5.eval_loss <= torch_loss + 0.01
+    assert default_run_k5.eval_loss < 0.2
