@@ -1,0 +1,275 @@
+"""Stage 4: give every kernel a code, a dissimilarity and a label.
+`python -m dwjax.assign --workdir=… [--data_dir=…]`
+
+Autoencoder path (paper §4.2): decode 10,000 evenly spaced codes; each kernel takes the code whose
+reconstruction is nearest in cosine dissimilarity (dwjax.nearest: jitted, chunked, spread over every
+device) and is *clustered* if that minimum is below the threshold for k (0.3 for 7×7, 0.2 for 5×5).
+3×3 path (paper §5): k-means with 10 clusters on min-max-encoded kernels (dwjax.kmeans); the code is
+the cluster id and the dissimilarity the distance to its centroid.
+
+Output: `<workdir>/assignments/<source>.k<k>x<k>.csv`, one per shard, written atomically, so a killed
+job re-run skips finished shards and writes nothing twice; `settings.json` pins what they were made
+with. Read them all with
+`pd.concat(map(pd.read_csv, glob.glob("<workdir>/assignments/*.csv")))`.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from dwjax import kmeans, labels as labels_lib, nearest, paths, preprocess, shards, templates
+
+# Paper §4.2: 0.3 for 7×7, 0.2 for 5×5 ("lower dimensional spaces tend to have closer vectors
+# angularly"). Other sizes: 0.2 below 7, 0.3 from 7 up, until someone measures better.
+PAPER_THRESHOLDS = {5: 0.2, 7: 0.3}
+COLUMNS = ("source", "layer", "layer_name", "channel", "kernel_size", "code", "dissimilarity",
+           "clustered", "label")
+UNCLUSTERED, DEAD = "Unclustered", "Dead"
+
+
+class AssignError(ValueError):
+    """The workdir, data or settings are inconsistent (one-line message)."""
+
+
+def default_threshold(kernel_size: int) -> float:
+    return PAPER_THRESHOLDS.get(kernel_size, 0.2 if kernel_size < 7 else 0.3)
+
+
+def default_method(kernel_size: int) -> str:
+    return "kmeans" if kernel_size == 3 else "autoencoder"
+
+
+# ----------------------------------------------------------------------------- the two classifiers
+class AutoencoderClassifier:
+    """Nearest of `num_codes` decoded codes; labels from `<workdir>/labels.json` (proposed if absent)."""
+
+    def __init__(self, workdir: str, num_codes: int, threshold: float, chunk_size: int, log=print):
+        from dwjax import spectrum
+        from dwjax.train import load_trained
+
+        model, config = load_trained(workdir)
+        self.kernel_size = int(config.kernel_size)
+        lpath = spectrum.labels_path(workdir)
+        if not os.path.exists(lpath):
+            log(f"no {lpath}: proposing labels from the spectrum first")
+            spectrum.run_spectrum(workdir, log=log)
+        self.labels = labels_lib.load_labels(lpath, self.kernel_size)
+        self.codes, self.recon = spectrum.decode_codes(model, num_codes)
+        self.code_labels = labels_lib.label_codes(self.labels, self.codes)
+        self.threshold, self.chunk_size = threshold, chunk_size
+        with open(lpath, "rb") as f:
+            labels_sha = hashlib.sha256(f.read()).hexdigest()
+        params_sha = hashlib.sha256(self.recon.tobytes()).hexdigest()  # identifies the trained decoder
+        self.settings = {"method": "autoencoder", "kernel_size": self.kernel_size, "threshold": threshold,
+                         "num_codes": num_codes, "labels_sha256": labels_sha, "decoder_sha256": params_sha}
+
+    def __call__(self, kernels: np.ndarray):
+        idx, dis = nearest.nearest_codes(kernels, self.recon, self.chunk_size)
+        live = idx >= 0
+        code = np.where(live, self.codes[np.maximum(idx, 0)], np.nan)
+        clustered = live & (dis < self.threshold)
+        label = np.where(clustered, self.code_labels[np.maximum(idx, 0)], UNCLUSTERED).astype(object)
+        label[~live] = DEAD
+        return code, dis, clustered, label
+
+
+class KMeansClassifier:
+    """The paper's 3×3 path: k-means (10 clusters, k-means++, seeded) on min-max-encoded kernels.
+
+    The centroids are fitted once on every live k×k kernel of `data_dir` (up to `max_fit` drawn with
+    the seed) and kept in `<workdir>/kmeans_k<k>.npz`; each cluster is named after the template-bank
+    class nearest its centroid when that match is convincing, else "cluster <i>".
+    """
+
+    def __init__(self, workdir: str, data_dir: str, kernel_size: int, n_clusters: int = 10, seed: int = 0,
+                 max_fit: int = 1_000_000, chunk_size: int = kmeans.DEFAULT_CHUNK, log=print):
+        self.kernel_size, self.chunk_size = kernel_size, chunk_size
+        path = os.path.join(workdir, f"kmeans_k{kernel_size}.npz")
+        if os.path.exists(path):
+            with np.load(path) as z:
+                self.centroids, names = z["centroids"], [str(n) for n in z["names"]]
+        else:
+            x = np.concatenate([kmeans.encode_valid(s.kernels)[0] for s in shards.iter_shards(data_dir, kernel_size)])
+            if len(x) > max_fit:
+                x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_fit, replace=False))]
+            if len(x) < n_clusters:
+                raise AssignError(f"--data_dir {data_dir}: {len(x)} live {kernel_size}x{kernel_size} kernels, "
+                                  f"fewer than {n_clusters} clusters")
+            log(f"fitting k-means ({n_clusters} clusters) on {len(x):,} {kernel_size}x{kernel_size} kernels")
+            self.centroids, _ = kmeans.fit_kmeans(x, n_clusters, seed)
+            names = self._names(self.centroids)
+            os.makedirs(workdir, exist_ok=True)
+            np.savez(path + ".tmp.npz", centroids=self.centroids, names=np.array(names))
+            os.replace(path + ".tmp.npz", path)
+        self.names = np.array(names, dtype=object)
+        self.settings = {"method": "kmeans", "kernel_size": kernel_size, "n_clusters": n_clusters, "seed": seed,
+                         "centroids_sha256": hashlib.sha256(np.asarray(self.centroids).tobytes()).hexdigest()}
+
+    def _names(self, centroids: np.ndarray) -> list[str]:
+        k = self.kernel_size
+        cls, sim = labels_lib.match_templates(centroids.reshape(-1, k, k), k)
+        names = templates.class_names(k)
+        ok = sim >= labels_lib.default_min_similarity(k)
+        return [names[c] if good and c >= 0 else f"cluster {i}" for i, (c, good) in enumerate(zip(cls, ok))]
+
+    def __call__(self, kernels: np.ndarray):
+        x = kmeans.minmax_encode(kernels)
+        live = preprocess.valid_mask(kernels)
+        cluster, dist = kmeans.assign_kmeans(x, self.centroids, self.chunk_size)
+        label = self.names[cluster].copy()
+        label[~live] = DEAD
+        return (np.where(live, cluster, -1).astype(np.float64), np.where(live, dist, np.nan).astype(np.float32),
+                live, label)
+
+
+# ----------------------------------------------------------------------------- per-shard output
+def _csv_text(shard: shards.Shard, k: int, code, dis, clustered, label) -> str:
+    names = np.array([shard.layer_names.get(int(l), "") for l in range(int(shard.meta["layer"].max()) + 1)],
+                     dtype=object) if len(shard.meta) else np.array([], dtype=object)
+    layer = np.asarray(shard.meta["layer"])
+    rows = zip(layer.tolist(), names[layer].tolist(), np.asarray(shard.meta["channel"]).tolist(),
+               code.tolist(), dis.tolist(), clustered.tolist(), label.tolist())
+    src = _csv_field(shard.source)
+    out = [",".join(COLUMNS)]
+    out += [f"{src},{l},{_csv_field(n)},{c},{k},{'' if cd != cd else format(cd, '.6g')},"
+            f"{'' if d != d else format(d, '.6g')},{int(cl)},{_csv_field(lb)}"
+            for l, n, c, cd, d, cl, lb in rows]
+    return "\n".join(out) + "\n"
+
+
+def _csv_field(text: str) -> str:
+    return f'"{text}"' if any(ch in text for ch in ',"\n') and not text.startswith('"') else text
+
+
+def _check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
+    path = os.path.join(out_dir, "settings.json")
+    if os.path.exists(path) and not overwrite:
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise AssignError(f"{out_dir}: existing assignments were made with other settings ({', '.join(diff)}); "
+                              f"pass --overwrite to redo them")
+    if overwrite and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(settings, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: str | None = None,
+           threshold: float | None = None, num_codes: int = 10_000, chunk_size: int = nearest.DEFAULT_CHUNK,
+           overwrite: bool = False, log=print) -> dict:
+    """Assigns every k×k kernel of `data_dir`; returns the summary (also in assignments/summary.json)."""
+    from dwjax.train import TrainError
+
+    k_saved = _workdir_kernel_size(workdir)
+    k = kernel_size or k_saved
+    if k is None:
+        raise AssignError(f"--workdir {workdir}: no training run there; pass --kernel_size (3×3 k-means needs none)")
+    if k_saved is not None and kernel_size is not None and k_saved != kernel_size:
+        raise AssignError(f"--kernel_size {kernel_size}: the run in {workdir} was trained on {k_saved}x{k_saved} kernels")
+    method = method or default_method(k)
+    if not list(shards.iter_shards(data_dir, k)):
+        raise AssignError(f"--data_dir {data_dir}: no {k}x{k} kernels")
+    if method == "autoencoder":
+        if k_saved is None:
+            raise AssignError(f"--workdir {workdir}: no trained autoencoder (config.json missing)")
+        thr = default_threshold(k) if threshold is None else float(threshold)
+        try:
+            clf = AutoencoderClassifier(workdir, num_codes, thr, chunk_size, log)
+        except TrainError as e:
+            raise AssignError(str(e))
+    elif method == "kmeans":
+        clf = KMeansClassifier(workdir, data_dir, k, log=log)
+    else:
+        raise AssignError(f"--method {method!r}: expected autoencoder or kmeans")
+    out_dir = os.path.join(workdir, "assignments")
+    _check_settings(out_dir, clf.settings, overwrite)
+    for shard in shards.iter_shards(data_dir, k):
+        base = os.path.join(out_dir, f"{shard.dir}.k{k}x{k}")
+        if os.path.exists(base + ".csv"):
+            log(f"{shard.source}: already assigned, skipped")
+            continue
+        code, dis, clustered, label = clf(shard.kernels)
+        counts = dict(zip(*np.unique(label.astype(str), return_counts=True)))
+        stats = {"source": shard.source, "kernels": len(label), "clustered": int(clustered.sum()),
+                 "labels": {str(a): int(b) for a, b in sorted(counts.items())}}
+        with open(base + ".json.tmp", "w") as f:
+            json.dump(stats, f, indent=1)
+        with open(base + ".csv.tmp", "w") as f:
+            f.write(_csv_text(shard, k, code, dis, clustered, label))
+        os.replace(base + ".json.tmp", base + ".json")
+        os.replace(base + ".csv.tmp", base + ".csv")  # the .csv is the completion marker
+        log(f"{shard.source}: {stats['clustered']:,}/{stats['kernels']:,} clustered "
+            f"({100 * stats['clustered'] / max(1, stats['kernels']):.1f}%)")
+    return _summary(out_dir, k)
+
+
+def _workdir_kernel_size(workdir: str) -> int | None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["config"]["kernel_size"])
+
+
+def _summary(out_dir: str, k: int) -> dict:
+    per_source = []
+    for p in sorted(glob.glob(os.path.join(out_dir, f"*.k{k}x{k}.json"))):
+        if os.path.exists(p[:-5] + ".csv"):
+            with open(p) as f:
+                per_source.append(json.load(f))
+    total = sum(s["kernels"] for s in per_source)
+    clustered = sum(s["clustered"] for s in per_source)
+    summary = {"kernel_size": k, "kernels": total, "clustered": clustered,
+               "clustered_fraction": clustered / max(1, total), "sources": per_source}
+    with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
+    flags.DEFINE_string("data_dir", None, "Kernel shards to assign (default $DWJAX_HOME/data); any converted set.")
+    flags.DEFINE_integer("kernel_size", None, "k (default: the run's; needed for 3×3 k-means without a run).")
+    flags.DEFINE_enum("method", None, ["autoencoder", "kmeans"], "Default: kmeans for 3×3, else autoencoder.")
+    flags.DEFINE_float("threshold", None, "Clustered if dissimilarity < this (default 0.3 for 7×7, 0.2 for 5×5).")
+    flags.DEFINE_integer("num_codes", 10_000, "Evenly spaced codes to decode and compare against.")
+    flags.DEFINE_integer("chunk_size", nearest.DEFAULT_CHUNK, "Kernels per compiled call (memory is flat in N).")
+    flags.DEFINE_bool("overwrite", False, "Redo assignments made with other settings.")
+
+
+def main(argv):
+    del argv
+    from dwjax.checkpointing import CheckpointMismatch
+    from dwjax.train import quiet_logs
+
+    quiet_logs()
+    workdir = FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size or 5)
+    data_dir = FLAGS.data_dir or paths.default_data_dir()
+    try:
+        summary = assign(workdir, data_dir, FLAGS.kernel_size, FLAGS.method, FLAGS.threshold, FLAGS.num_codes,
+                         FLAGS.chunk_size, FLAGS.overwrite)
+    except (AssignError, shards.ShardError, CheckpointMismatch, ValueError) as e:
+        sys.exit(f"assign: {e}")
+    print(f"{summary['clustered']:,} of {summary['kernels']:,} kernels clustered "
+          f"({100 * summary['clustered_fraction']:.1f}%); per-kernel rows in {workdir}/assignments/")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
