@@ -8,6 +8,7 @@ from dwjax import convert, sources
 
 def make_data_dir(tmp_path, kernels_by_source: dict, layers: dict | None = None) -> str:
     """Writes each `{name: [N,k,k]}` as an .npz and converts them all into `<tmp>/data`."""
+    os.makedirs(str(tmp_path), exist_ok=True)
     srcs = []
     for name, kernels in kernels_by_source.items():
         path = os.path.join(str(tmp_path), f"{name}.npz")

@@ -1,0 +1,160 @@
+"""Spectrum, labels and assignment end to end: reference equality, synthetic DoG recovery, trained vs
+untrained, per-shard resume and one-line refusals of inconsistent workdirs."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import train as train_configs
+from dwjax import assign, convert, labels as labels_lib, nearest, shards, sources, spectrum, templates, train
+from tests.conftest import run_module
+from tests.helpers import make_data_dir
+
+QUIET = dict(log=lambda *_: None)
+
+
+def _rows(workdir):
+    import pandas as pd
+
+    return pd.concat(map(pd.read_csv, sorted(glob.glob(os.path.join(workdir, "assignments", "*.csv")))))
+
+
+@pytest.fixture(scope="module")
+def dog_run(tmp_path_factory):
+    """A 7×7 autoencoder trained on synthetic DoG-family kernels (paper appendix F's mix)."""
+    rng = np.random.default_rng(0)
+    kernels, _, classes = templates.sample_dog_init_labelled(6000, 7, rng)
+    noisy = kernels + 0.02 * rng.normal(size=kernels.shape) * np.abs(kernels).max(axis=(1, 2), keepdims=True)
+    tmp = tmp_path_factory.mktemp("dog")
+    d = make_data_dir(tmp, {"dogs": noisy.astype(np.float32)})
+    c = train_configs.get_config("7")
+    c.num_epochs, c.batch_size = 60, 128
+    train.train_and_evaluate(c, str(tmp / "run"), d, **QUIET)
+    return str(tmp / "run"), d, np.asarray(classes)
+
+
+def test_synthetic_dog_kernels_get_their_automatic_label(dog_run):
+    workdir, d, classes = dog_run
+    spectrum.run_spectrum(workdir, **QUIET)
+    assert os.path.exists(os.path.join(workdir, "figures", "spectrum.png"))
+    summary = assign.assign(workdir, d, **QUIET)
+    rows = _rows(workdir)
+    assert len(rows) == summary["kernels"] == 6000
+    got = [templates.merged_class(l) for l in rows["label"]]
+    want = [templates.merged_class(c) for c in classes[rows["channel"].to_numpy()]]
+    agree = np.mean([g == w for g, w in zip(got, want)])
+    print(f"synthetic DoG kernels: {agree:.1%} get the matching automatic label")
+    assert agree >= 0.90
+
+
+def test_assignment_rows_equal_brute_force(dog_run, tmp_path):
+    """The CSV written for a shard is the numpy float64 brute force over the 10,000 decoded codes.
+
+    Neighbouring decoded codes differ by ~1e-6 in cosine, so float32 may pick a neighbour of the
+    float64 argmax: the dissimilarity must agree to 1e-5 and the code to a few steps (the exact-index
+    check on well-separated random data is in test_nearest)."""
+    workdir, d, _ = dog_run
+    model, _ = train.load_trained(workdir)
+    codes, recon = spectrum.decode_codes(model, 10_000)
+    shard = next(shards.iter_shards(d, 7))
+    ref_idx, ref_dis = nearest.nearest_codes_reference(shard.kernels, recon)
+    rows = _rows(workdir)
+    np.testing.assert_allclose(rows["dissimilarity"].to_numpy(), ref_dis, atol=1e-5)
+    np.testing.assert_allclose(rows["code"].to_numpy(), codes[ref_idx], atol=5.5e-4)  # ≤ 5 code steps
+    assert (np.abs(rows["code"].to_numpy() - codes[ref_idx]) < 1e-6).mean() > 0.7
+    assert (rows["clustered"].to_numpy() == (ref_dis < 0.3)).mean() > 0.999  # ties at the threshold only
+
+
+def test_trained_kernels_cluster_far_more_than_random_init(default_run_k5, embedded_dir, tmp_path):
+    """Real EfficientNet-Lite 5×5 kernels vs Kaiming-initialised ones of the same shapes (timm)."""
+    pytest.importorskip("timm")
+    workdir = default_run_k5.workdir
+    spectrum.run_spectrum(workdir, **QUIET)
+    trained = assign.assign(workdir, embedded_dir, **QUIET)
+    random_dir = str(tmp_path / "random")
+    convert.convert(random_dir, [sources.timm_source(f"efficientnet_lite{i}", False, 0) for i in range(3)], **QUIET)
+    assert shards.count_kernels(random_dir, 5) == 23856  # the same 5×5 shapes as the real ones
+    untrained = assign.assign(workdir, random_dir, overwrite=True, **QUIET)
+    print(f"clustered: trained {trained['clustered_fraction']:.1%}, random init {untrained['clustered_fraction']:.1%}")
+    assert trained["clustered_fraction"] > 0.5
+    assert untrained["clustered_fraction"] < 0.1
+    assert trained["clustered_fraction"] > 5 * untrained["clustered_fraction"]
+
+
+def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
+    workdir, _, _ = dog_run
+    rng = np.random.default_rng(1)
+    kernels = templates.sample_dog_init(900, 7, rng)
+    d = make_data_dir(tmp_path, {f"part{i}": kernels[i * 300:(i + 1) * 300] for i in range(3)})
+    fresh = str(tmp_path / "fresh")
+    os.makedirs(fresh)
+    for f in ("config.json", "labels.json"):
+        os.link(os.path.join(workdir, f), os.path.join(fresh, f))
+    os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(fresh, "checkpoints"))
+    full = assign.assign(fresh, d, **QUIET)
+    expected = {p: open(p).read() for p in glob.glob(os.path.join(fresh, "assignments", "*.csv"))}
+
+    calls = []
+    real = assign.nearest.nearest_codes
+
+    def dies_on_second_shard(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    import shutil
+
+    shutil.rmtree(os.path.join(fresh, "assignments"))
+    assign.nearest.nearest_codes = dies_on_second_shard
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            assign.assign(fresh, d, **QUIET)
+    finally:
+        assign.nearest.nearest_codes = real
+    assert len(glob.glob(os.path.join(fresh, "assignments", "*.csv"))) == 1
+    logs = []
+    again = assign.assign(fresh, d, log=logs.append)
+    assert sum("skipped" in l for l in logs) == 1
+    assert {p: open(p).read() for p in glob.glob(os.path.join(fresh, "assignments", "*.csv"))} == expected
+    assert again == full
+    assert not glob.glob(os.path.join(fresh, "assignments", "*.tmp"))
+
+
+def test_inconsistent_workdirs_get_one_line_errors(dog_run, tmp_path):
+    workdir, d, _ = dog_run
+
+    def fails(*args):
+        p = run_module("dwjax.assign", *args)
+        assert p.returncode != 0
+        err = p.stderr.strip()
+        assert err.count("\n") == 0 and err.startswith("assign:"), err
+        return err
+
+    assert "trained on 7x7" in fails(f"--workdir={workdir}", f"--data_dir={d}", "--kernel_size=5")
+    # labels with overlapping intervals
+    bad = str(tmp_path / "bad")
+    os.makedirs(bad)
+    for f in ("config.json",):
+        os.link(os.path.join(workdir, f), os.path.join(bad, f))
+    os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(bad, "checkpoints"))
+    with open(os.path.join(bad, "labels.json"), "w") as f:
+        json.dump({"kernel_size": 7, "intervals": [{"start": 0.0, "end": 0.5, "label": "On-Centre"},
+                                                   {"start": 0.4, "end": 0.9, "label": "Off-Centre"}]}, f)
+    assert "overlap" in fails(f"--workdir={bad}", f"--data_dir={d}")
+    assert not os.path.exists(os.path.join(bad, "assignments"))
+    # missing checkpoint
+    os.remove(os.path.join(bad, "checkpoints"))
+    assert "no checkpoint" in fails(f"--workdir={bad}", f"--data_dir={d}")
+    # a data dir without 7×7 kernels
+    d5 = make_data_dir(tmp_path / "five", {"five": np.random.default_rng(0).normal(size=(10, 5, 5))})
+    assert "no 7x7 kernels" in fails(f"--workdir={workdir}", f"--data_dir={d5}")
+
+
+def test_labels_file_kernel_size_mismatch_is_refused(dog_run, tmp_path):
+    path = str(tmp_path / "labels.json")
+    labels_lib.save_labels(path, {"kernel_size": 5, "intervals": []})
+    with pytest.raises(ValueError, match="labels.json"):
+        labels_lib.load_labels(path, 7)
