@@ -158,3 +158,23 @@ def test_labels_file_kernel_size_mismatch_is_refused(dog_run, tmp_path):
     labels_lib.save_labels(path, {"kernel_size": 5, "intervals": []})
     with pytest.raises(ValueError, match="labels.json"):
         labels_lib.load_labels(path, 7)
+
+
+def test_report_tables_match_the_assignments(dog_run):
+    import pandas as pd
+
+    from dwjax import report
+
+    workdir, d, _ = dog_run
+    summary = assign.assign(workdir, d, **QUIET)  # already done: every shard skipped
+    out = report.run_report(workdir, **QUIET)
+    by_source = pd.read_csv(os.path.join(out["dir"], "by_source.csv"))
+    assert list(by_source["source"]) == ["dogs"]
+    assert by_source["kernels"].iloc[0] == 6000
+    assert abs(by_source["clustered_fraction"].iloc[0] - summary["clustered_fraction"]) < 1e-4
+    shares = by_source.drop(columns=["source", "kernels", "clustered_fraction"]).iloc[0]
+    assert abs(shares.sum() - 1) < 1e-3  # shares among clustered kernels
+    assert shares.idxmax() == "On-Centre"  # 45 % of appendix F's mix
+    by_layer = pd.read_csv(os.path.join(out["dir"], "by_layer.csv"))
+    assert by_layer["kernels"].sum() == 6000
+    assert all(os.path.getsize(f) > 10_000 for f in out["figures"])
