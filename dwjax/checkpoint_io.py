@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import json
 import pickle
+import re
 import struct
 import zipfile
 from typing import Any
@@ -105,9 +106,11 @@ def _read_safetensors(path: str) -> dict[str, LazyTensor]:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})")
     base = 8 + n
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    # safetensors stores tensors sorted by dtype and name, not in network order: "blocks.10" would
+    # come before "blocks.2". Natural order (numeric parts as numbers) restores the order of
+    # nn.Sequential indices, so a .safetensors yields its layers in the order a .pth or the model walk does.
+    for name in sorted((k for k in header if k != "__metadata__"), key=_natural_key):
+        info = header[name]
         dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
             continue
@@ -117,6 +120,10 @@ def _read_safetensors(path: str) -> dict[str, LazyTensor]:
         numel = (end - begin) // _np_dtype(dtype).itemsize
         out[name] = LazyTensor(path, dtype, tuple(info["shape"]), base + begin, numel)
     return out
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", name))]
 
 
 # ----------------------------------------------------------------------------- torch pickles
@@ -270,7 +277,8 @@ def _read_torch_legacy(path: str) -> dict[str, LazyTensor]:
 
 
 def open_checkpoint(path: str) -> dict[str, LazyTensor]:
-    """Maps every tensor of a checkpoint file to a LazyTensor, in the file's (network) order.
+    """Maps every tensor of a checkpoint file to a LazyTensor, in the file's (network) order
+    (safetensors, which keeps no order, in natural name order).
 
     Nested containers (`{'state_dict': {...}}`, `{'model': {...}}`) are flattened with dotted names.
     Raises CheckpointError (one line, naming the file) for missing, truncated or corrupt files.
@@ -284,11 +292,18 @@ def open_checkpoint(path: str) -> dict[str, LazyTensor]:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if len(magic) < 8:
         raise CheckpointError(f"{path}: empty or truncated checkpoint file")
-    if path.endswith(".safetensors"):
-        return _read_safetensors(path)
-    if magic[:4] == b"PK\x03\x04":
-        return _read_torch_zip(path)
-    if magic[:1] == b"\x80":
-        return _read_torch_legacy(path)
+    try:
+        if path.endswith(".safetensors"):
+            return _read_safetensors(path)
+        if magic[:4] == b"PK\x03\x04":
+            return _read_torch_zip(path)
+        if magic[:1] == b"\x80":
+            return _read_torch_legacy(path)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, MemoryError,
+            RecursionError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
+        # corrupt headers/pickles fail in many ways (a missing key, a bad utf-8 name, a huge frame)
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
     raise CheckpointError(f"{path}: unknown checkpoint format (not safetensors, torch zip or torch legacy)")
 

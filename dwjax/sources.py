@@ -112,7 +112,8 @@ def npz_source(path: str) -> Source:
         for lid in dict.fromkeys(layer_ids.tolist()):  # first-appearance order
             sel = layer_ids == lid
             ch = channel[sel] if channel is not None else np.arange(int(sel.sum()), dtype=np.int32)
-            layers.append(DepthwiseLayer(len(layers), f"layer{lid}",
+            # the given layer id is the layer's index, so k*.meta.npy's `layer` round-trips it
+            layers.append(DepthwiseLayer(int(lid), f"layer{lid}",
                                          np.ascontiguousarray(kernels[sel], np.float32), channels=ch))
         return layers
 
