@@ -79,6 +79,7 @@ def evaluate(graphdef, params, dataset: data.KernelDataset, batch_size: int, mes
     """Mean dissimilarity over every valid kernel (padding masked out)."""
     n_dev = mesh.devices.size
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    batch_size = min(batch_size, -(-len(dataset) // n_dev) * n_dev)  # no bigger than the data needs
 
     @jax.jit
     def batch_sum(params, kernels, weight):
@@ -86,6 +87,8 @@ def evaluate(graphdef, params, dataset: data.KernelDataset, batch_size: int, mes
         recon = nnx.merge(graphdef, nnx.State(params))(coords)
         return jnp.sum(preprocess.cosine_dissimilarity(coords, recon) * weight)
 
+    pid, npro = jax.process_index(), jax.process_count()
+    local = batch_size // npro
     total = 0.0
     for index in dataset.all_batches(batch_size):
         kernels = dataset.gather(index)
@@ -93,7 +96,9 @@ def evaluate(graphdef, params, dataset: data.KernelDataset, batch_size: int, mes
         if len(kernels) < batch_size:  # pad to one compiled shape; the pad rows weigh 0
             weight[len(kernels):] = 0
             kernels = np.concatenate([kernels, np.repeat(kernels[:1], batch_size - len(kernels), 0)])
-        total += float(batch_sum(params, mesh_lib.shard_batch(mesh, kernels), mesh_lib.shard_batch(mesh, weight)))
+        part = slice(pid * local, (pid + 1) * local)  # each host loads its slice of the global batch
+        total += float(batch_sum(params, mesh_lib.shard_batch(mesh, kernels[part]),
+                                 mesh_lib.shard_batch(mesh, weight[part])))
     return total / len(dataset)
 
 
@@ -247,6 +252,11 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Kernel shards (default: the embedded default, converted if missing).")
     flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<k>).")
     config_flags.DEFINE_config_file("config", None, "Train config file (default configs/train.py:<kernel_size>).")
+    flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first (auto-detects "
+                      "Cloud TPU pods and SLURM; else give the three flags below).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
 
 
 def _ensure_default_data(data_dir: str) -> None:
@@ -263,6 +273,8 @@ def _ensure_default_data(data_dir: str) -> None:
 def main(argv):
     del argv
     quiet_logs()
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     if FLAGS.kernel_size is not None and config.kernel_size != FLAGS.kernel_size:
         sys.exit(f"train: --kernel_size {FLAGS.kernel_size} disagrees with --config.kernel_size {config.kernel_size}")

@@ -156,3 +156,33 @@ def test_default_run_is_as_good_as_plain_pytorch(default_run_k5, embedded_dir):
     print(f"mean cosine dissimilarity: dwjax {default_run_k5.eval_loss:.4f}, plain PyTorch {torch_loss:.4f}")
     assert default_run_k5.eval_loss <= torch_loss + 0.01
     assert default_run_k5.eval_loss < 0.2
+
+
+def test_two_processes_match_one_process(proto_dir, tmp_path):
+    """Multi-host: two local processes (jax.distributed + gloo) train like one process with 2 devices."""
+    import socket
+
+    d = proto_dir[0]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    common = ["-m", "dwjax.train", "--kernel_size=5", f"--data_dir={d}", "--config.batch_size=64",
+              "--config.num_epochs=2"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, *common, f"--workdir={tmp_path / 'multi'}",
+                               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
+    single = subprocess.run([sys.executable, *common, f"--workdir={tmp_path / 'single'}"], capture_output=True,
+                            text=True, cwd=REPO, timeout=300,
+                            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert "2 device(s)" in outs[0][0] and "2 device(s)" in single.stdout
+
+    def losses(w):
+        return [json.loads(l)["loss"] for l in open(tmp_path / w / "metrics.jsonl") if '"loss"' in l]
+
+    assert len(losses("multi")) == 2 * (2400 // 64)
+    np.testing.assert_allclose(losses("multi"), losses("single"), rtol=2e-4, atol=2e-5)
