@@ -130,18 +130,20 @@ class KMeansClassifier:
 
 
 # ----------------------------------------------------------------------------- per-shard output
-def _csv_text(shard: shards.Shard, k: int, code, dis, clustered, label) -> str:
-    names = np.array([shard.layer_names.get(int(l), "") for l in range(int(shard.meta["layer"].max()) + 1)],
-                     dtype=object) if len(shard.meta) else np.array([], dtype=object)
-    layer = np.asarray(shard.meta["layer"])
-    rows = zip(layer.tolist(), names[layer].tolist(), np.asarray(shard.meta["channel"]).tolist(),
-               code.tolist(), dis.tolist(), clustered.tolist(), label.tolist())
+def _write_csv(f, shard: shards.Shard, k: int, code, dis, clustered, label, block: int = 100_000) -> None:
+    """Writes the shard's rows in blocks, so the text of a million-kernel shard is never held at once."""
+    meta_layer = np.asarray(shard.meta["layer"])
+    names = np.array([shard.layer_names.get(l, "") for l in range(int(meta_layer.max(initial=0)) + 1)], dtype=object)
     src = _csv_field(shard.source)
-    out = [",".join(COLUMNS)]
-    out += [f"{src},{l},{_csv_field(n)},{c},{k},{'' if cd != cd else format(cd, '.6g')},"
-            f"{'' if d != d else format(d, '.6g')},{int(cl)},{_csv_field(lb)}"
-            for l, n, c, cd, d, cl, lb in rows]
-    return "\n".join(out) + "\n"
+    f.write(",".join(COLUMNS) + "\n")
+    for a in range(0, len(label), block):
+        b = slice(a, a + block)
+        layer = meta_layer[b]
+        rows = zip(layer.tolist(), names[layer].tolist(), np.asarray(shard.meta["channel"][b]).tolist(),
+                   code[b].tolist(), dis[b].tolist(), clustered[b].tolist(), label[b].tolist())
+        f.writelines(f"{src},{l},{_csv_field(n)},{c},{k},{'' if cd != cd else format(cd, '.6g')},"
+                     f"{'' if d != d else format(d, '.6g')},{int(cl)},{_csv_field(lb)}\n"
+                     for l, n, c, cd, d, cl, lb in rows)
 
 
 def _csv_field(text: str) -> str:
@@ -206,7 +208,7 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
         with open(base + ".json.tmp", "w") as f:
             json.dump(stats, f, indent=1)
         with open(base + ".csv.tmp", "w") as f:
-            f.write(_csv_text(shard, k, code, dis, clustered, label))
+            _write_csv(f, shard, k, code, dis, clustered, label)
         os.replace(base + ".json.tmp", base + ".json")
         os.replace(base + ".csv.tmp", base + ".csv")  # the .csv is the completion marker
         log(f"{shard.source}: {stats['clustered']:,}/{stats['kernels']:,} clustered "

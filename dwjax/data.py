@@ -28,7 +28,8 @@ class KernelDataset:
         self.shards = list(shards.iter_shards(data_dir, kernel_size))
         if not self.shards:
             raise DataError(f"--data_dir {data_dir}: no {kernel_size}x{kernel_size} kernels "
-                            f"(have {shards.read_manifest(data_dir)['totals']})")
+                            f"(have {shards.read_manifest(data_dir)['totals']}; convert a model with them first, "
+                            f"e.g. python -m dwjax.convert --models=convnextv2_tiny --data_dir=…)")
         sizes = np.array([len(s.kernels) for s in self.shards], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         parts = []
