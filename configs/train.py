@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.schedule = "cosine"               # cosine | constant
     c.warmup_epochs = 1.0
     c.end_learning_rate_fraction = 0.02
+    c.steps_per_call = 32               # optimizer steps per jitted call (lax.scan); same updates
     c.checkpoint_every_epochs = 5
     c.max_to_keep = 3
     c.eval_batch_size = 8192

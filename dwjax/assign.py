@@ -261,6 +261,7 @@ def main(argv):
     from dwjax.train import quiet_logs
 
     quiet_logs()
+    paths.enable_compilation_cache()
     workdir = FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size or 5)
     data_dir = FLAGS.data_dir or paths.default_data_dir()
     try:

@@ -22,3 +22,13 @@ def configs_dir() -> str:
     import configs
 
     return os.path.dirname(os.path.abspath(configs.__file__))
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache under $DWJAX_HOME/xla_cache: a re-run (resume, another stage on the same
+    run) skips the ~1 s compiles. Called by the stage mains only; library code leaves jax's config alone."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(home(), "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

@@ -77,6 +77,7 @@ def main(argv):
     from dwjax.checkpointing import CheckpointMismatch
 
     quiet_logs()
+    paths.enable_compilation_cache()
     workdir = FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size)
     if FLAGS.num_codes < 2:
         sys.exit(f"spectrum: --num_codes {FLAGS.num_codes}: need at least 2")

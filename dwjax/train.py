@@ -64,15 +64,27 @@ def loss_fn(graphdef, params, kernels):
     return jnp.mean(preprocess.cosine_dissimilarity(coords, recon))
 
 
-def make_train_step(graphdef, tx, mesh):
-    rep, bat = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+def make_train_steps(graphdef, tx, mesh):
+    """`(params, opt_state, kernels [S, B, k, k]) → (params, opt_state, losses [S])`: S optimizer steps
+    in one jitted call (a `lax.scan`), each on one global batch sharded along B.
 
-    def step(params, opt_state, kernels):
+    The network is tiny (~100 k parameters), so one step is ~1 ms of math; a call per step would spend
+    as long again in dispatch and host-to-device copies. Scanning S steps per call amortises both and
+    computes exactly the same sequence of updates.
+    """
+    rep, steps = mesh_lib.replicated(mesh), mesh_lib.steps_sharded(mesh)
+
+    def step(carry, kernels):
+        params, opt_state = carry
         loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, kernels))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return (optax.apply_updates(params, updates), opt_state), loss
 
-    return jax.jit(step, in_shardings=(rep, rep, bat), out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
+    def run(params, opt_state, kernels):
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), kernels)
+        return params, opt_state, losses
+
+    return jax.jit(run, in_shardings=(rep, rep, steps), out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
 
 
 def evaluate(graphdef, params, dataset: data.KernelDataset, batch_size: int, mesh) -> float:
@@ -154,9 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     dataset = data.KernelDataset(data_dir, config.kernel_size)
     _check_config(config, mesh.devices.size, len(dataset))
     steps_per_epoch = len(dataset) // config.batch_size
-    model = model_lib.build_model(config.kernel_size, config.model.hidden, config.model.negative_slope, config.seed)
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
+    graphdef, params = model_lib.init_params(config.kernel_size, config.model.hidden, config.model.negative_slope,
+                                             config.seed)
     tx = make_optimizer(config, steps_per_epoch)
     train_state = {"params": params, "opt_state": tx.init(params)}
     mngr = checkpointing.manager(workdir, config.max_to_keep)
@@ -173,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     rep = mesh_lib.replicated(mesh)
     params = jax.device_put(train_state["params"], rep)
     opt_state = jax.device_put(train_state["opt_state"], rep)
-    step_fn = make_train_step(graphdef, tx, mesh)
+    step_fn = make_train_steps(graphdef, tx, mesh)
     log(f"training k={config.kernel_size} on {len(dataset):,} kernels ({dataset.num_dropped} dead dropped), "
         f"{mesh.devices.size} device(s), batch {config.batch_size}, {steps_per_epoch} steps/epoch")
     pid, npro = jax.process_index(), jax.process_count()
@@ -182,12 +193,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
         for epoch in range(start_epoch, config.num_epochs):
             t0 = time.perf_counter()
             losses = []
-            for b, index in dataset.epoch_batches(epoch, config.seed, config.batch_size):
-                # Every host draws the same global batch and loads its own slice of it.
-                kernels = dataset.gather(index)[pid * local:(pid + 1) * local]
-                params, opt_state, loss = step_fn(params, opt_state, mesh_lib.shard_batch(mesh, kernels))
+            batches = [index for _, index in dataset.epoch_batches(epoch, config.seed, config.batch_size)]
+            for a in range(0, len(batches), config.steps_per_call):
+                # Every host draws the same global batches and loads its own slice of each.
+                kernels = np.stack([dataset.gather(index)[pid * local:(pid + 1) * local]
+                                    for index in batches[a:a + config.steps_per_call]])
+                params, opt_state, loss = step_fn(params, opt_state, mesh_lib.shard_steps(mesh, kernels))
                 losses.append(loss)
-            losses = np.asarray(jax.device_get(losses), np.float64)
+            losses = np.concatenate(jax.device_get(losses)).astype(np.float64)
             dt = time.perf_counter() - t0
             step = (epoch + 1) * steps_per_epoch
             if pid == 0:
@@ -221,9 +234,8 @@ def load_trained(workdir: str):
     except FileNotFoundError:
         raise TrainError(f"--workdir {workdir}: no config.json (not a dwjax training run)")
     config = ml_collections.ConfigDict(saved["config"])
-    model = model_lib.build_model(config.kernel_size, config.model.hidden, config.model.negative_slope, config.seed)
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
+    graphdef, params = model_lib.init_params(config.kernel_size, config.model.hidden, config.model.negative_slope,
+                                             config.seed)
     mngr = checkpointing.manager(workdir, config.max_to_keep)
     tx = make_optimizer(config, 1)
     restored, _ = checkpointing.restore_latest(mngr, {"params": params, "opt_state": tx.init(params)},
@@ -273,6 +285,7 @@ def _ensure_default_data(data_dir: str) -> None:
 def main(argv):
     del argv
     quiet_logs()
+    paths.enable_compilation_cache()
     if FLAGS.distributed or FLAGS.coordinator_address:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config

@@ -7,6 +7,9 @@ import pytest
 
 # Tests never touch the user's ~/dwjax.
 os.environ.setdefault("DWJAX_HOME", os.path.join(os.path.dirname(__file__), ".dwjax_test_home"))
+# Many tests train the same small shapes, in-process and in subprocesses: share compiled programs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["DWJAX_HOME"], "xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 @pytest.fixture(scope="session")
