@@ -67,6 +67,22 @@ def plot_spectrum(kernels: np.ndarray, codes: np.ndarray, path: str, labels: dic
     return _save(fig, path)
 
 
+def plot_gallery(groups: dict[str, np.ndarray], path: str, title: str, per_row: int = 8) -> str:
+    """One row per group: up to `per_row` kernels `[n, k, k]` each (template bank, class samples)."""
+    names = list(groups)
+    fig, axes = plt.subplots(len(names), 1, figsize=(per_row * 0.6 + 2.5, 0.7 * len(names) + 0.4), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        kernels = np.asarray(groups[name])[:per_row]
+        ax.imshow(_tile_strip(kernels) if len(kernels) else np.zeros((1, 1)), cmap="gray", vmin=-1, vmax=1,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_proportions(rows: list[str], classes: list[str], fractions: np.ndarray, path: str, title: str,
                      xlabel: str = "layer") -> str:
     """Stacked bars: `fractions [len(rows), len(classes)]`, each row's share of every class."""

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dwjax import figures, labels as labels_lib, paths, preprocess
+from dwjax import figures, labels as labels_lib, paths, preprocess, templates
 
 
 def decode_codes(model, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +57,14 @@ def run_spectrum(workdir: str, num_codes: int = 500, relabel: bool = False, log=
         log(f"  [{iv['start']:.3f}, {iv['end']:.3f})  {iv['label']}")
     fig = figures.plot_spectrum(kernels, codes, os.path.join(workdir, "figures", "spectrum.png"), labels,
                                 title=f"{k}×{k} spectrum ({os.path.basename(os.path.normpath(workdir))})")
-    log(f"spectrum of {num_codes} codes → {spec_path}, figure → {fig}")
-    return {"spectrum": spec_path, "labels": lpath, "figure": fig}
+    bank, bank_class, _ = templates.template_bank(k)
+    names = templates.class_names(k)
+    gallery = {names[c]: bank[bank_class == c][:: max(1, int((bank_class == c).sum()) // 8)]
+               for c in np.unique(bank_class)}
+    bank_fig = figures.plot_gallery(gallery, os.path.join(workdir, "figures", "templates.png"),
+                                    f"{k}×{k} DoG-family template bank (what the labels are matched against)")
+    log(f"spectrum of {num_codes} codes → {spec_path}, figures → {fig}, {bank_fig}")
+    return {"spectrum": spec_path, "labels": lpath, "figure": fig, "templates_figure": bank_fig}
 
 
 FLAGS = flags.FLAGS

@@ -169,12 +169,16 @@ def test_two_processes_match_one_process(proto_dir, tmp_path):
     common = ["-m", "dwjax.train", "--kernel_size=5", f"--data_dir={d}", "--config.batch_size=64",
               "--config.num_epochs=2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # Output to files, not pipes: a full pipe would block one process inside a collective, and the other with it.
+    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, *common, f"--workdir={tmp_path / 'multi'}",
                                f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                              stdout=logs[i], stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
              for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
+    for p in procs:
+        p.wait(timeout=300)
+    outs = [(open(tmp_path / f"proc{i}.log").read(),) for i in range(2)]
+    assert all(p.returncode == 0 for p in procs), outs[0][0][-2000:]
     single = subprocess.run([sys.executable, *common, f"--workdir={tmp_path / 'single'}"], capture_output=True,
                             text=True, cwd=REPO, timeout=300,
                             env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
