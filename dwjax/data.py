@@ -47,14 +47,22 @@ class KernelDataset:
         return len(self.valid_index)
 
     def gather(self, index: np.ndarray) -> np.ndarray:
-        """Global indices `[B]` → kernels `[B, k, k]` float32 (read from the memmaps, sorted for locality)."""
-        index = np.sort(index)
-        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
-        out = np.empty((len(index), self.kernel_size, self.kernel_size), np.float32)
-        for s in np.unique(shard_of):
-            sel = shard_of == s
-            out[sel] = self.shards[s].kernels[index[sel] - self.offsets[s]]
-        return out
+        """Global indices `[..., B]` → kernels `[..., B, k, k]` float32, read from the memmaps.
+
+        Each batch (last axis) is sorted for locality: a batch's order does not change its mean loss.
+        One call reads a whole stack of batches (`[S, B]`), so the per-call cost is paid once.
+        """
+        index = np.sort(index, axis=-1)
+        flat = index.reshape(-1)
+        shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
+        out = np.empty((len(flat), self.kernel_size, self.kernel_size), np.float32)
+        if len(self.shards) == 1:
+            out[:] = self.shards[0].kernels[flat]
+        else:
+            for s in np.unique(shard_of):
+                sel = shard_of == s
+                out[sel] = self.shards[s].kernels[flat[sel] - self.offsets[s]]
+        return out.reshape(*index.shape, self.kernel_size, self.kernel_size)
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int):
         """Yields `(step_in_epoch, global index [batch_size])`; the last partial batch is dropped."""

@@ -196,8 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
             batches = [index for _, index in dataset.epoch_batches(epoch, config.seed, config.batch_size)]
             for a in range(0, len(batches), config.steps_per_call):
                 # Every host draws the same global batches and loads its own slice of each.
-                kernels = np.stack([dataset.gather(index)[pid * local:(pid + 1) * local]
-                                    for index in batches[a:a + config.steps_per_call]])
+                stack = np.stack(batches[a:a + config.steps_per_call])  # [S, B] global indices
+                kernels = dataset.gather(stack)[:, pid * local:(pid + 1) * local]
                 params, opt_state, loss = step_fn(params, opt_state, mesh_lib.shard_steps(mesh, kernels))
                 losses.append(loss)
             losses = np.concatenate(jax.device_get(losses)).astype(np.float64)
