@@ -204,7 +204,8 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
         code, dis, clustered, label = clf(shard.kernels)
         counts = dict(zip(*np.unique(label.astype(str), return_counts=True)))
         stats = {"source": shard.source, "kernels": len(label), "clustered": int(clustered.sum()),
-                 "labels": {str(a): int(b) for a, b in sorted(counts.items())}}
+                 "labels": {str(a): int(b) for a, b in sorted(counts.items())},
+                 "data_dir": os.path.abspath(data_dir), "shard_dir": shard.dir}  # report draws samples from here
         with open(base + ".json.tmp", "w") as f:
             json.dump(stats, f, indent=1)
         with open(base + ".csv.tmp", "w") as f:

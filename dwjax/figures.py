@@ -70,7 +70,7 @@ def plot_spectrum(kernels: np.ndarray, codes: np.ndarray, path: str, labels: dic
 def plot_gallery(groups: dict[str, np.ndarray], path: str, title: str, per_row: int = 8) -> str:
     """One row per group: up to `per_row` kernels `[n, k, k]` each (template bank, class samples)."""
     names = list(groups)
-    fig, axes = plt.subplots(len(names), 1, figsize=(per_row * 0.6 + 2.5, 0.7 * len(names) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(names), 1, figsize=(per_row * 0.6 + 4, 0.7 * len(names) + 0.4), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         kernels = np.asarray(groups[name])[:per_row]
         ax.imshow(_tile_strip(kernels) if len(kernels) else np.zeros((1, 1)), cmap="gray", vmin=-1, vmax=1,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import sys
 from collections import defaultdict
@@ -86,6 +87,10 @@ def run_report(workdir: str, log=print) -> dict:
         figs.append(figures.plot_proportions([str(l[0]) for l in layers], lcls, lshare,
                                              os.path.join(out, f"layers_{_safe(src)}.png"),
                                              f"{src}: class shares among clustered kernels per depthwise layer"))
+    for src in srcs:
+        fig = _samples_figure(workdir, rows, src, out)
+        if fig:
+            figs.append(fig)
     _write_table(os.path.join(out, "by_layer.csv"),
                  ["source", "layer", "layer_name", "kernels", "clustered_fraction", *classes], layer_rows)
     width = max(len(s) for s in srcs)
@@ -95,6 +100,41 @@ def run_report(workdir: str, log=print) -> dict:
         log(f"{s.ljust(width)}  {t:>7,}  {c / t:>8.1%}  {top}")
     log(f"tables and {len(figs)} figures in {out}")
     return {"dir": out, "figures": figs}
+
+
+def _samples_figure(workdir: str, rows: list[dict], source: str, out: str, per_class: int = 8,
+                    seed: int = 0) -> str | None:
+    """Random clustered kernels of each class of one source (paper Figs. 5, 6), read back from the
+    shards the assignment came from; skipped if those shards are gone."""
+    meta = None
+    for p in glob.glob(os.path.join(workdir, "assignments", "*.json")):
+        with open(p) as f:
+            m = json.load(f)
+        if m.get("source") == source and "data_dir" in m:
+            meta = m
+    if meta is None:
+        return None
+    k = int(next(r["kernel_size"] for r in rows if r["source"] == source))
+    path = os.path.join(meta["data_dir"], meta["shard_dir"], f"k{k}x{k}.npy")
+    if not os.path.exists(path):
+        return None
+    kernels = np.load(path, mmap_mode="r")
+    src_rows = [r for r in rows if r["source"] == source]  # same order as the shard
+    if len(src_rows) != len(kernels):
+        return None
+    by_class = defaultdict(list)
+    for i, r in enumerate(src_rows):
+        if r["clustered"] == "1":
+            by_class[r["label"]].append(i)
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for c in sorted(by_class, key=lambda c: -len(by_class[c])):
+        pick = np.sort(rng.choice(by_class[c], min(per_class, len(by_class[c])), replace=False))
+        groups[f"{c} ({len(by_class[c]):,})"] = np.asarray(kernels[pick])
+    if not groups:
+        return None
+    return figures.plot_gallery(groups, os.path.join(out, f"samples_{_safe(source)}.png"),
+                                f"{source}: random clustered kernels per class (count)")
 
 
 def _safe(text: str) -> str:

@@ -178,3 +178,4 @@ def test_report_tables_match_the_assignments(dog_run):
     by_layer = pd.read_csv(os.path.join(out["dir"], "by_layer.csv"))
     assert by_layer["kernels"].sum() == 6000
     assert all(os.path.getsize(f) > 10_000 for f in out["figures"])
+    assert os.path.join(out["dir"], "samples_dogs.png") in out["figures"]
