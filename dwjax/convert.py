@@ -29,7 +29,7 @@ def convert(data_dir: str, sources: list[Source], log=print) -> dict:
     try:
         for src in sources:
             t0 = time.perf_counter()
-            if shards.source_complete(data_dir, src.slug, src.id):
+            if shards.source_complete(data_dir, src.slug, src.id, src.origin.get("sha256")):
                 log(f"{src.id}: already converted, skipped")
                 continue
             layers = src.load()
@@ -39,6 +39,9 @@ def convert(data_dir: str, sources: list[Source], log=print) -> dict:
         shards.clean_temp(data_dir)
         if created:
             _remove_if_empty(data_dir)
+        if os.path.isdir(data_dir) and os.listdir(data_dir):
+            # sources completed before the failure stay (they are whole); the manifest lists them
+            shards.rebuild_manifest(data_dir, dwjax.__version__)
         raise
     return shards.rebuild_manifest(data_dir, dwjax.__version__)
 

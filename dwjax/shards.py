@@ -74,15 +74,17 @@ def clean_temp(data_dir: str) -> None:
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-def source_complete(data_dir: str, slug: str, source_id: str) -> bool:
-    """True if `<slug>/` holds this source fully written and every file matches its sha256."""
+def source_complete(data_dir: str, slug: str, source_id: str, input_sha256: str | None = None) -> bool:
+    """True if `<slug>/` holds this source fully written, from the same input file (`input_sha256`,
+    when the source is a file: an .npz rewritten under the same name is converted again), and every
+    shard file matches its sha256."""
     path = os.path.join(data_dir, slug, "source.json")
     try:
         with open(path) as f:
             entry = json.load(f)
     except (OSError, ValueError):
         return False
-    if entry.get("id") != source_id:
+    if entry.get("id") != source_id or entry.get("origin", {}).get("sha256") != input_sha256:
         return False
     for name, info in entry.get("files", {}).items():
         p = os.path.join(data_dir, slug, name)
@@ -124,9 +126,13 @@ def write_source(data_dir: str, slug: str, source_id: str, origin: dict,
     _atomic_json(os.path.join(tmp, "source.json"), entry)
     os.chmod(tmp, 0o755)
     final = os.path.join(data_dir, slug)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if os.path.exists(final):  # move the old one aside first: a kill now leaves a .tmp-, never a mix
+        old = tempfile.mkdtemp(dir=data_dir, prefix=".tmp-old-")
+        os.replace(final, os.path.join(old, "x"))
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
     return entry
 
 
@@ -178,6 +184,7 @@ class Shard:
     kernels: np.ndarray
     meta: np.ndarray
     layer_names: dict[int, str]
+    sha256: str  # of the kernel file: identifies the content, whatever the directory is called
 
 
 def iter_shards(data_dir: str, kernel_size: int) -> Iterator[Shard]:
@@ -187,11 +194,15 @@ def iter_shards(data_dir: str, kernel_size: int) -> Iterator[Shard]:
         if key not in entry["counts"]:
             continue
         d = os.path.join(data_dir, entry["dir"])
-        with open(os.path.join(d, "source.json")) as f:
-            layers = json.load(f)["layers"]
-        yield Shard(entry["id"], entry["dir"], np.load(os.path.join(d, f"k{key}.npy"), mmap_mode="r"),
-                    np.load(os.path.join(d, f"k{key}.meta.npy"), mmap_mode="r"),
-                    {l["layer"]: l["name"] for l in layers})
+        try:
+            with open(os.path.join(d, "source.json")) as f:
+                layers = json.load(f)["layers"]
+            kernels = np.load(os.path.join(d, f"k{key}.npy"), mmap_mode="r")
+            meta = np.load(os.path.join(d, f"k{key}.meta.npy"), mmap_mode="r")
+        except (OSError, ValueError, KeyError) as e:
+            raise ShardError(f"{d}: shard missing or unreadable ({type(e).__name__}); run convert again")
+        yield Shard(entry["id"], entry["dir"], kernels, meta, {l["layer"]: l["name"] for l in layers},
+                    entry["files"][f"k{key}.npy"]["sha256"])
 
 
 def count_kernels(data_dir: str, kernel_size: int) -> int:

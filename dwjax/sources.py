@@ -103,6 +103,8 @@ def npz_source(path: str) -> Source:
         if name in arrays and arrays[name].shape != (n,):
             raise SourceError(f"--kernels_npz {path}: '{name}' must have shape ({n},), got {arrays[name].shape}")
     layer_ids = arrays["layer"].astype(np.int64) if "layer" in arrays else np.zeros(n, np.int64)
+    if len(layer_ids) and (layer_ids.min() < 0 or layer_ids.max() >= 2**31):
+        raise SourceError(f"--kernels_npz {path}: 'layer' ids must be in [0, 2^31), got {layer_ids.min()}..{layer_ids.max()}")
     channel = arrays["channel"].astype(np.int32) if "channel" in arrays else None
     digest = sha256_file(path)
     stem = os.path.splitext(os.path.basename(path))[0]

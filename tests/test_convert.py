@@ -17,7 +17,7 @@ from dwjax import convert as convert_mod
 from dwjax import shards
 from dwjax.extract import layers_from_module, layers_from_state
 from dwjax.checkpoint_io import open_checkpoint
-from dwjax.sources import EMBEDDED, checkpoint_source, embedded_sources, npz_source, timm_source
+from dwjax.sources import EMBEDDED, SourceError, checkpoint_source, embedded_sources, npz_source, timm_source
 
 timm = pytest.importorskip("timm")
 
@@ -429,7 +429,9 @@ def test_exception_midway_cleans_up_and_rerun_matches(tmp_path, three_sources, m
     monkeypatch.setattr(shards, "write_source", failing)
     with pytest.raises(KeyboardInterrupt):
         convert_mod.convert(data, srcs(), **QUIET)
-    assert sorted(os.listdir(data)) == ["alpha"]  # first source complete, no temp dir, no manifest
+    # the first source is complete and listed; no temp dir; the manifest agrees with the directory
+    assert sorted(os.listdir(data)) == ["alpha", "manifest.json"]
+    assert [e["dir"] for e in json.load(open(os.path.join(data, "manifest.json")))["sources"]] == ["alpha"]
     monkeypatch.setattr(shards, "write_source", real)
 
     log = []
@@ -535,3 +537,23 @@ def test_nonsquare_from_a_checkpoint(tmp_path):
     (entry,) = m["sources"]
     assert entry["counts"] == {"3x3": 8} and entry["nonsquare"] == {"1x11": 8, "11x1": 8}
     assert m["totals"] == {"3x3": 8}
+
+
+def test_rewritten_npz_is_converted_again(tmp_path):
+    """An .npz rewritten under the same name is not mistaken for the one already converted."""
+    path = str(tmp_path / "m.npz")
+    data = str(tmp_path / "data")
+    np.savez(path, kernels=np.random.default_rng(0).normal(size=(10, 5, 5)).astype(np.float32))
+    convert_mod.convert(data, [npz_source(path)], **QUIET)
+    np.savez(path, kernels=np.random.default_rng(1).normal(size=(20, 7, 7)).astype(np.float32))
+    log = []
+    manifest = convert_mod.convert(data, [npz_source(path)], log=log.append)
+    assert "skipped" not in log[0]
+    assert manifest["totals"] == {"7x7": 20}
+
+
+def test_npz_negative_layer_ids_are_refused(tmp_path):
+    path = str(tmp_path / "neg.npz")
+    np.savez(path, kernels=np.zeros((2, 3, 3), np.float32) + np.arange(9).reshape(3, 3), layer=np.array([0, -1]))
+    with pytest.raises(SourceError, match="layer"):
+        npz_source(path)
