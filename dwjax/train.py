@@ -115,6 +115,12 @@ def evaluate(graphdef, params, dataset: data.KernelDataset, batch_size: int, mes
 
 
 def _check_config(config, n_dev: int, n_valid: int) -> None:
+    for name in ("batch_size", "num_epochs", "steps_per_call", "checkpoint_every_epochs", "max_to_keep",
+                 "eval_batch_size"):
+        if int(config[name]) < 1:
+            raise TrainError(f"--config.{name} {config[name]}: must be at least 1")
+    if not config.learning_rate > 0:
+        raise TrainError(f"--config.learning_rate {config.learning_rate}: must be positive")
     if config.batch_size % n_dev:
         raise TrainError(f"--config.batch_size {config.batch_size}: not divisible by the {n_dev} devices")
     if n_valid < config.batch_size:
@@ -147,8 +153,15 @@ def _truncate_metrics(path: str, step: int) -> None:
     """Drops metric lines past the restored step, so a resumed run writes nothing twice."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line torn by the kill
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -172,14 +185,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     train_state = {"params": params, "opt_state": tx.init(params)}
     mngr = checkpointing.manager(workdir, config.max_to_keep)
     restored, meta = checkpointing.restore_latest(mngr, train_state, arch)
-    _write_config(workdir, config, arch)  # only once the workdir's checkpoint is known to fit
+    primary = jax.process_index() == 0  # one writer of the plain files, also on a shared filesystem
+    if primary:
+        _write_config(workdir, config, arch)  # only once the workdir's checkpoint is known to fit
     start_epoch = 0
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if restored is not None:
         train_state, start_epoch = restored, int(meta["epoch"])
         log(f"resumed from {workdir}/checkpoints/{meta['step']} (epoch {start_epoch})")
-        _truncate_metrics(metrics_path, int(meta["step"]))
-    elif os.path.exists(metrics_path):
+        if primary:
+            _truncate_metrics(metrics_path, int(meta["step"]))
+    elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
     rep = mesh_lib.replicated(mesh)
     params = jax.device_put(train_state["params"], rep)
@@ -189,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
         f"{mesh.devices.size} device(s), batch {config.batch_size}, {steps_per_epoch} steps/epoch")
     pid, npro = jax.process_index(), jax.process_count()
     local = config.batch_size // npro
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path if primary else os.devnull, "a") as metrics:
         for epoch in range(start_epoch, config.num_epochs):
             t0 = time.perf_counter()
             losses = []
@@ -231,9 +247,12 @@ def load_trained(workdir: str):
     try:
         with open(path) as f:
             saved = json.load(f)
+        config = ml_collections.ConfigDict(saved["config"])
+        _ = (config.kernel_size, config.model.hidden)  # the fields every stage needs
     except FileNotFoundError:
         raise TrainError(f"--workdir {workdir}: no config.json (not a dwjax training run)")
-    config = ml_collections.ConfigDict(saved["config"])
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise TrainError(f"{path}: corrupt ({type(e).__name__}: {e})")
     graphdef, params = model_lib.init_params(config.kernel_size, config.model.hidden, config.model.negative_slope,
                                              config.seed)
     mngr = checkpointing.manager(workdir, config.max_to_keep)
@@ -309,7 +328,14 @@ def run() -> None:
     # `--kernel_size=K` selects configs/train.py:K unless --config names a file itself.
     argv = sys.argv
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
-        k = next((a.split("=", 1)[1] for a in argv if a.startswith("--kernel_size=")), "5")
+        k = "5"
+        for i, a in enumerate(argv):
+            if a.startswith("--kernel_size="):
+                k = a.split("=", 1)[1]
+            elif a == "--kernel_size" and i + 1 < len(argv):
+                k = argv[i + 1]
+        if not k.isdigit():
+            sys.exit(f"train: --kernel_size {k}: not a positive integer")
         argv = [argv[0], f"--config={os.path.join(paths.configs_dir(), 'train.py')}:{k}"] + argv[1:]
     define_flags()
     app.run(main, argv=argv)

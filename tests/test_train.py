@@ -98,6 +98,8 @@ def test_killed_run_resumes_to_identical_parameters(proto_dir, tmp_path):
     full = train.train_and_evaluate(cfg, str(tmp_path / "full"), d, log=lambda *_: None)
     killed = str(tmp_path / "killed")
     train.train_and_evaluate(cfg, killed, d, log=lambda *_: None, stop_after_epochs=3)  # dies after epoch 3
+    with open(os.path.join(killed, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 999, "lo')  # ... in the middle of writing a line
     logs = []
     resumed = train.train_and_evaluate(cfg, killed, d, log=logs.append)
     assert any("resumed" in l and "epoch 2" in l for l in logs)
