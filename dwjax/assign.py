@@ -14,24 +14,21 @@ with. Read them all with
 """
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 from absl import app, flags
 
-from dwjax import kmeans, labels as labels_lib, nearest, paths, preprocess, shards, templates
+from dwjax import assignments, kmeans, labels as labels_lib, nearest, paths, preprocess, shards, templates
 
 # Paper §4.2: 0.3 for 7×7, 0.2 for 5×5 ("lower dimensional spaces tend to have closer vectors
 # angularly"). Other sizes: 0.2 below 7, 0.3 from 7 up, until someone measures better.
 PAPER_THRESHOLDS = {5: 0.2, 7: 0.3}
-COLUMNS = ("source", "layer", "layer_name", "channel", "kernel_size", "code", "dissimilarity",
-           "clustered", "label")
-UNCLUSTERED, DEAD = "Unclustered", "Dead"
+UNCLUSTERED, DEAD = assignments.UNCLUSTERED, assignments.DEAD
 
 
 class AssignError(ValueError):
@@ -129,44 +126,6 @@ class KMeansClassifier:
                 live, label)
 
 
-# ----------------------------------------------------------------------------- per-shard output
-def _write_csv(f, shard: shards.Shard, k: int, code, dis, clustered, label, block: int = 100_000) -> None:
-    """Writes the shard's rows in blocks, so the text of a million-kernel shard is never held at once."""
-    meta_layer = np.asarray(shard.meta["layer"])
-    names = np.array([shard.layer_names.get(l, "") for l in range(int(meta_layer.max(initial=0)) + 1)], dtype=object)
-    src = _csv_field(shard.source)
-    f.write(",".join(COLUMNS) + "\n")
-    for a in range(0, len(label), block):
-        b = slice(a, a + block)
-        layer = meta_layer[b]
-        rows = zip(layer.tolist(), names[layer].tolist(), np.asarray(shard.meta["channel"][b]).tolist(),
-                   code[b].tolist(), dis[b].tolist(), clustered[b].tolist(), label[b].tolist())
-        f.writelines(f"{src},{l},{_csv_field(n)},{c},{k},{'' if cd != cd else format(cd, '.6g')},"
-                     f"{'' if d != d else format(d, '.6g')},{int(cl)},{_csv_field(lb)}\n"
-                     for l, n, c, cd, d, cl, lb in rows)
-
-
-def _csv_field(text: str) -> str:
-    return f'"{text}"' if any(ch in text for ch in ',"\n') and not text.startswith('"') else text
-
-
-def _check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
-    path = os.path.join(out_dir, "settings.json")
-    if os.path.exists(path) and not overwrite:
-        with open(path) as f:
-            old = json.load(f)
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise AssignError(f"{out_dir}: existing assignments were made with other settings ({', '.join(diff)}); "
-                              f"pass --overwrite to redo them")
-    if overwrite and os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
-
 def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: str | None = None,
            threshold: float | None = None, num_codes: int = 10_000, chunk_size: int = nearest.DEFAULT_CHUNK,
            overwrite: bool = False, log=print) -> dict:
@@ -191,54 +150,33 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
         except TrainError as e:
             raise AssignError(str(e))
     elif method == "kmeans":
+        if overwrite:  # refit on this data, not the centroids of an earlier job
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(workdir, f"kmeans_k{k}.npz"))
         clf = KMeansClassifier(workdir, data_dir, k, log=log)
     else:
         raise AssignError(f"--method {method!r}: expected autoencoder or kmeans")
     out_dir = os.path.join(workdir, "assignments")
-    _check_settings(out_dir, clf.settings, overwrite)
+    assignments.check_settings(out_dir, clf.settings, overwrite)
     for shard in shards.iter_shards(data_dir, k):
-        base = os.path.join(out_dir, f"{shard.dir}.k{k}x{k}")
-        if os.path.exists(base + ".csv"):
+        if assignments.is_done(out_dir, shard, k):
             log(f"{shard.source}: already assigned, skipped")
             continue
-        code, dis, clustered, label = clf(shard.kernels)
-        counts = dict(zip(*np.unique(label.astype(str), return_counts=True)))
-        stats = {"source": shard.source, "kernels": len(label), "clustered": int(clustered.sum()),
-                 "labels": {str(a): int(b) for a, b in sorted(counts.items())},
-                 "data_dir": os.path.abspath(data_dir), "shard_dir": shard.dir}  # report draws samples from here
-        with open(base + ".json.tmp", "w") as f:
-            json.dump(stats, f, indent=1)
-        with open(base + ".csv.tmp", "w") as f:
-            _write_csv(f, shard, k, code, dis, clustered, label)
-        os.replace(base + ".json.tmp", base + ".json")
-        os.replace(base + ".csv.tmp", base + ".csv")  # the .csv is the completion marker
+        stats = assignments.write_shard(out_dir, shard, k, data_dir, *clf(shard.kernels))
         log(f"{shard.source}: {stats['clustered']:,}/{stats['kernels']:,} clustered "
             f"({100 * stats['clustered'] / max(1, stats['kernels']):.1f}%)")
-    return _summary(out_dir, k)
+    return assignments.write_summary(out_dir, k)
 
 
 def _workdir_kernel_size(workdir: str) -> int | None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return int(json.load(f)["config"]["kernel_size"])
-
-
-def _summary(out_dir: str, k: int) -> dict:
-    per_source = []
-    for p in sorted(glob.glob(os.path.join(out_dir, f"*.k{k}x{k}.json"))):
-        if os.path.exists(p[:-5] + ".csv"):
-            with open(p) as f:
-                per_source.append(json.load(f))
-    total = sum(s["kernels"] for s in per_source)
-    clustered = sum(s["clustered"] for s in per_source)
-    summary = {"kernel_size": k, "kernels": total, "clustered": clustered,
-               "clustered_fraction": clustered / max(1, total), "sources": per_source}
-    with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
-    return summary
+    try:
+        with open(path) as f:
+            return int(json.load(f)["config"]["kernel_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise AssignError(f"{path}: corrupt ({type(e).__name__}: {e})")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -268,7 +206,7 @@ def main(argv):
     try:
         summary = assign(workdir, data_dir, FLAGS.kernel_size, FLAGS.method, FLAGS.threshold, FLAGS.num_codes,
                          FLAGS.chunk_size, FLAGS.overwrite)
-    except (AssignError, shards.ShardError, CheckpointMismatch, ValueError) as e:
+    except (AssignError, assignments.AssignmentsError, shards.ShardError, CheckpointMismatch, ValueError) as e:
         sys.exit(f"assign: {e}")
     print(f"{summary['clustered']:,} of {summary['kernels']:,} kernels clustered "
           f"({100 * summary['clustered_fraction']:.1f}%); per-kernel rows in {workdir}/assignments/")

@@ -19,7 +19,8 @@ from dwjax.extract import _is_depthwise_shape
 def dog_init_(model: Any, seed: int = 0, mix: Mapping[str, float] = templates.PAPER_INIT_MIX) -> dict:
     """Overwrites, in place, every square depthwise kernel of `model` with DoG-family kernels.
 
-    Returns `{layer name: number of kernels}`. Non-square or 1×1 depthwise weights are left alone.
+    Returns `{layer name: number of kernels}`. Non-square, even-sized or 1×1 depthwise weights are left
+    alone (the templates are centred on a pixel).
     """
     import torch
 
@@ -30,7 +31,7 @@ def dog_init_(model: Any, seed: int = 0, mix: Mapping[str, float] = templates.PA
             if not isinstance(mod, torch.nn.Conv2d) or not (mod.groups == mod.in_channels > 1):
                 continue
             w = mod.weight
-            if not _is_depthwise_shape(tuple(w.shape)) or w.shape[2] != w.shape[3] or w.shape[2] < 3:
+            if not _is_depthwise_shape(tuple(w.shape)) or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
                 continue
             c, k = w.shape[0], w.shape[2]
             kernels = templates.sample_dog_init(c, k, rng, mix)  # unit L2 norm each

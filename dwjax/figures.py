@@ -95,7 +95,7 @@ def plot_proportions(rows: list[str], classes: list[str], fractions: np.ndarray,
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(rows, rotation=90 if len(rows) > 8 else 0, fontsize=7)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction of kernels")
+    ax.set_ylabel("share of clustered kernels")
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, bbox_to_anchor=(1.01, 1), loc="upper left")

@@ -153,7 +153,7 @@ def test_inconsistent_workdirs_get_one_line_errors(dog_run, tmp_path):
     assert "no 7x7 kernels" in fails(f"--workdir={workdir}", f"--data_dir={d5}")
 
 
-def test_labels_file_kernel_size_mismatch_is_refused(dog_run, tmp_path):
+def test_labels_file_kernel_size_mismatch_is_refused(tmp_path):
     path = str(tmp_path / "labels.json")
     labels_lib.save_labels(path, {"kernel_size": 5, "intervals": []})
     with pytest.raises(ValueError, match="labels.json"):
@@ -177,5 +177,63 @@ def test_report_tables_match_the_assignments(dog_run):
     assert shares.idxmax() == "On-Centre"  # 45 % of appendix F's mix
     by_layer = pd.read_csv(os.path.join(out["dir"], "by_layer.csv"))
     assert by_layer["kernels"].sum() == 6000
+    # per-layer shares equal a pandas computation on the rows themselves
+    rows = _rows(workdir)
+    for _, layer in by_layer.iterrows():
+        sel = rows[(rows["layer"] == layer["layer"]) & (rows["clustered"] == 1)]
+        want = sel["label"].value_counts(normalize=True)
+        for c, v in want.items():
+            assert abs(layer[c] - v) < 1e-4
     assert all(os.path.getsize(f) > 10_000 for f in out["figures"])
     assert os.path.join(out["dir"], "samples_dogs.png") in out["figures"]
+
+
+def test_kmeans_path_for_3x3(embedded_dir, tmp_path):
+    """The paper's 3×3 path: 10 k-means clusters on min-max-encoded kernels, no training run needed."""
+    workdir = str(tmp_path / "k3")
+    logs = []
+    summary = assign.assign(workdir, embedded_dir, kernel_size=3, log=logs.append)
+    assert any("fitting k-means (10 clusters) on 16,532" in l for l in logs)  # 16,544 minus 12 dead
+    rows = _rows(workdir)
+    assert len(rows) == summary["kernels"] == 16544
+    live = rows[rows["label"] != "Dead"]
+    assert len(live) == 16532 and live["clustered"].all() and set(live["code"].astype(int)) == set(range(10))
+    assert summary["clustered"] == 16532
+    # every kernel's code is its nearest centroid
+    from dwjax import kmeans
+
+    with np.load(os.path.join(workdir, "kmeans_k3.npz")) as z:
+        centroids, names = z["centroids"], z["names"]
+    kernels = np.concatenate([s.kernels for s in shards.iter_shards(embedded_dir, 3)])
+    x = kmeans.minmax_encode(kernels)
+    d = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+    live_mask = rows["label"].to_numpy() != "Dead"
+    np.testing.assert_array_equal(d[live_mask].argmin(1), rows["code"].to_numpy()[live_mask].astype(int))
+    assert sum(n.startswith("On-Centre") or n.startswith("Off-Centre") for n in names) >= 2
+    # the centroids are kept: a second job (another data dir) does not refit
+    logs.clear()
+    assign.assign(workdir, embedded_dir, kernel_size=3, log=logs.append)
+    assert not any("fitting" in l for l in logs) and sum("skipped" in l for l in logs) == 4
+    from dwjax import report
+
+    assert report.run_report(workdir, **QUIET)["figures"]
+
+
+def test_same_named_shard_from_another_data_dir_is_assigned_and_quoted(dog_run, tmp_path):
+    """A shard directory name already assigned, but other content, is assigned again (not skipped);
+    a source id with a comma and a quote survives the CSV."""
+    workdir, _, _ = dog_run
+    rng = np.random.default_rng(5)
+    first = make_data_dir(tmp_path / "a", {'x,"y': templates.sample_dog_init(40, 7, rng)})
+    second = make_data_dir(tmp_path / "b", {'x,"y': templates.sample_dog_init(60, 7, rng)})
+    fresh = str(tmp_path / "fresh")
+    os.makedirs(fresh)
+    for f in ("config.json", "labels.json"):
+        os.link(os.path.join(workdir, f), os.path.join(fresh, f))
+    os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(fresh, "checkpoints"))
+    assert assign.assign(fresh, first, **QUIET)["kernels"] == 40
+    logs = []
+    assert assign.assign(fresh, second, log=logs.append)["kernels"] == 60
+    assert not any("skipped" in l for l in logs)
+    rows = _rows(fresh)
+    assert len(rows) == 60 and set(rows["source"]) == {'x,"y'}

@@ -17,7 +17,7 @@ from dwjax import nearest, preprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GAP = 1e-4
 # (name, kernel size, N before near-tie exclusion, M, chunk sizes). M is not a multiple of the
-# 16-row tile; chunks that do and do not divide N, and one larger than N.
+# 64-row tile (nearest.DEFAULT_TILE_M); chunks that do and do not divide N, and one larger than N.
 CASES = [("k5", 5, 300, 1000, (128, 100, 150, 4096)), ("k7", 7, 200, 2000, (64,))]
 
 
