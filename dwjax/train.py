@@ -21,7 +21,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from dwjax import checkpointing, data, mesh as mesh_lib, model as model_lib, paths, preprocess, shards
+from dwjax import checkpointing, data, mesh as mesh_lib, model as model_lib, paths, preprocess, shards, tb_events
 
 
 class TrainError(ValueError):
@@ -205,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
         f"{mesh.devices.size} device(s), batch {config.batch_size}, {steps_per_epoch} steps/epoch")
     pid, npro = jax.process_index(), jax.process_count()
     local = config.batch_size // npro
+    tb = tb_events.ScalarWriter(os.path.join(workdir, "tensorboard")) if primary else None
     with open(metrics_path if primary else os.devnull, "a") as metrics:
         for epoch in range(start_epoch, config.num_epochs):
             t0 = time.perf_counter()
@@ -225,6 +226,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
                 metrics.write(json.dumps({"step": step, "epoch": epoch + 1, "epoch_loss": float(losses.mean()),
                                           "kernels_per_s": steps_per_epoch * config.batch_size / dt}) + "\n")
                 metrics.flush()
+                for i in range(0, len(losses), max(1, len(losses) // 10)):  # ~10 points per epoch suffice
+                    tb.scalar("train/loss", losses[i], epoch * steps_per_epoch + i + 1)
+                tb.scalar("train/epoch_loss", losses.mean(), step)
+                tb.scalar("train/kernels_per_s", steps_per_epoch * config.batch_size / dt, step)
+                tb.flush()
             log(f"epoch {epoch + 1:>4}/{config.num_epochs}  loss {losses.mean():.4f}  "
                 f"{steps_per_epoch * config.batch_size / dt:,.0f} kernels/s")
             done = epoch + 1 == config.num_epochs
@@ -235,6 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
                 break
     mngr.wait_until_finished()
     mngr.close()
+    if tb is not None:
+        tb.close()
     eval_loss = evaluate(graphdef, params, dataset, config.eval_batch_size, mesh)
     params = jax.device_get(params)
     return TrainResult(nnx.merge(graphdef, nnx.State(params)), params, workdir, eval_loss,
