@@ -56,12 +56,9 @@ class KernelDataset:
         flat = index.reshape(-1)
         shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
         out = np.empty((len(flat), self.kernel_size, self.kernel_size), np.float32)
-        if len(self.shards) == 1:
-            out[:] = self.shards[0].kernels[flat]
-        else:
-            for s in np.unique(shard_of):
-                sel = shard_of == s
-                out[sel] = self.shards[s].kernels[flat[sel] - self.offsets[s]]
+        for s in np.unique(shard_of):
+            sel = shard_of == s
+            out[sel] = self.shards[s].kernels[flat[sel] - self.offsets[s]]
         return out.reshape(*index.shape, self.kernel_size, self.kernel_size)
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int):

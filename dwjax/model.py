@@ -46,11 +46,6 @@ class Autoencoder(nnx.Module):
         return self.decode(self.encode(x))
 
 
-def build_model(kernel_size: int, hidden: Sequence[int], negative_slope: float, seed: int) -> Autoencoder:
-    graphdef, params = init_params(kernel_size, hidden, negative_slope, seed)
-    return nnx.merge(graphdef, nnx.State(params))
-
-
 def init_params(kernel_size: int, hidden: Sequence[int], negative_slope: float, seed: int):
     """`(graphdef, params)`: the structure (abstract, no compute) and pure-dict initial parameters.
 
