@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from dwjax import preprocess, shards
+from dwjax.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """No usable kernels for the asked kernel size."""
 
 
@@ -21,15 +22,17 @@ class KernelDataset:
     Attributes:
       valid_index: `[N_valid]` int64 global indices of kept kernels (over the concatenated shards).
       num_total, num_dropped: counts before and after dropping dead kernels.
+      rows_read: kernels read by `gather` so far (each host reads only its own batch rows).
     """
 
     def __init__(self, data_dir: str, kernel_size: int, scan_chunk: int = 1 << 18):
         self.kernel_size = kernel_size
         self.shards = list(shards.iter_shards(data_dir, kernel_size))
         if not self.shards:
+            have = shards.read_manifest(data_dir)["totals"]
             raise DataError(f"--data_dir {data_dir}: no {kernel_size}x{kernel_size} kernels "
-                            f"(have {shards.read_manifest(data_dir)['totals']}; convert a model with them first, "
-                            f"e.g. python -m dwjax.convert --models=convnextv2_tiny --data_dir=…)")
+                            f"(have {have}; convert a model with them first, e.g. "
+                            "python -m dwjax.convert --models=convnextv2_tiny --data_dir=…)")
         sizes = np.array([len(s.kernels) for s in self.shards], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         parts = []
@@ -40,8 +43,10 @@ class KernelDataset:
         self.valid_index = np.concatenate(parts).astype(np.int64)
         self.num_total = int(self.offsets[-1])
         self.num_dropped = self.num_total - len(self.valid_index)
+        self.rows_read = 0
         if len(self.valid_index) == 0:
-            raise DataError(f"--data_dir {data_dir}: every {kernel_size}x{kernel_size} kernel is dead (zero/constant)")
+            raise DataError(f"--data_dir {data_dir}: every {kernel_size}x{kernel_size} kernel is "
+                            "dead (zero/constant)")
 
     def __len__(self) -> int:
         return len(self.valid_index)
@@ -54,6 +59,7 @@ class KernelDataset:
         """
         index = np.sort(index, axis=-1)
         flat = index.reshape(-1)
+        self.rows_read += len(flat)
         shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
         out = np.empty((len(flat), self.kernel_size, self.kernel_size), np.float32)
         for s in np.unique(shard_of):

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dwjax.checkpoint_io import LazyTensor
+from dwjax.weight_files import LazyTensor
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ def layers_from_state(tensors: Mapping[str, LazyTensor]) -> list[DepthwiseLayer]
     """Depthwise layers of a checkpoint read lazily: only `[C,1,kh,kw]` `*.weight` tensors are loaded.
 
     Args:
-      tensors: `{name: LazyTensor}` in file order (from `checkpoint_io.open_checkpoint`).
+      tensors: `{name: LazyTensor}` in file order (from `weight_files.open_checkpoint`).
     """
     layers = []
     for name, t in tensors.items():

@@ -4,13 +4,13 @@ matplotlib with the Agg backend (no display); every function writes one PNG and 
 """
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from dwjax import atomic  # noqa: E402
 
 
 def _tile_strip(kernels: np.ndarray, gap: int = 1) -> np.ndarray:
@@ -104,9 +104,9 @@ def plot_proportions(rows: list[str], classes: list[str], fractions: np.ndarray,
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=130)
+    finally:
+        plt.close(fig)
     return path

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from dwjax import preprocess, templates
+from dwjax import atomic, model as model_lib, preprocess, templates
+from dwjax.errors import UserError
 
 # Least cosine similarity to the best template for a decoded code to be labelled. Mirrors the paper's
 # reconstruction thresholds (dissimilarity 0.3 for 7×7, 0.2 for 5×5: "lower dimensional spaces tend to
@@ -40,7 +40,15 @@ DEFAULT_MIN_SIMILARITY = {3: 0.9, 5: 0.8, 7: 0.7}
 # the axis, far below any cluster the paper labels.
 DEFAULT_MIN_RUN = 3
 
+# Codes decoded to propose labels (paper §4.2 looks at 500).
+SPECTRUM_CODES = 500
+
 _TOP_KEYS = {"kernel_size", "intervals"}
+
+
+class LabelsError(UserError):
+    """A labels file (or dict) breaks the schema or the interval geometry."""
+
 _REQUIRED = {"start", "end", "label"}
 _OPTIONAL = {"auto": False, "score": None}
 
@@ -61,10 +69,10 @@ def validate_labels(labels: Any, kernel_size: int | None = None, source: str = "
     """Check a labels dict; return a normalised copy (defaults filled, intervals sorted by start).
 
     Raises:
-      ValueError: one line starting with ``source`` for any schema or geometry error.
+      LabelsError: one line starting with ``source`` for any schema or geometry error.
     """
-    def bad(msg: str) -> ValueError:
-        return ValueError(f"{source}: {msg}")
+    def bad(msg: str) -> LabelsError:
+        return LabelsError(f"{source}: {msg}")
 
     if not isinstance(labels, dict):
         raise bad(f"top level must be an object, got {type(labels).__name__}")
@@ -110,7 +118,7 @@ def validate_labels(labels: Any, kernel_size: int | None = None, source: str = "
 
 
 def load_labels(path: str | os.PathLike, kernel_size: int) -> dict:
-    """Read and validate a labels file. Raises a one-line ValueError naming ``path`` if it is bad."""
+    """Read and validate a labels file. Raises a one-line LabelsError naming ``path`` if it is bad."""
     def _no_constant(name: str):  # NaN / Infinity are not JSON
         raise ValueError(f"non-finite constant {name}")
 
@@ -118,25 +126,14 @@ def load_labels(path: str | os.PathLike, kernel_size: int) -> dict:
         with open(path, encoding="utf-8") as f:
             labels = json.load(f, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{os.fspath(path)}: not valid JSON ({str(e).splitlines()[0]})") from None
+        raise LabelsError(f"{os.fspath(path)}: not valid JSON ({str(e).splitlines()[0]})") from None
     return validate_labels(labels, kernel_size, source=os.fspath(path))
 
 
 def save_labels(path: str | os.PathLike, labels: dict) -> None:
-    """Validate, then write atomically (temp file in the same folder + os.replace)."""
+    """Validate, then write atomically."""
     path = os.fspath(path)
-    clean = validate_labels(labels, source=path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".labels-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(clean, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic.write_json(path, validate_labels(labels, source=path))
 
 
 # -------------------------------------------------------------------------------------- lookup
@@ -263,3 +260,9 @@ def propose_labels(
         intervals.append({"start": float(edges[a]), "end": float(edges[b]), "label": names[v],
                           "auto": True, "score": round(float(score[a:b].mean()), 4)})
     return validate_labels({"kernel_size": kernel_size, "intervals": intervals})
+
+
+def propose_from_model(model, kernel_size: int, num_codes: int = SPECTRUM_CODES) -> dict:
+    """`propose_labels` on `num_codes` evenly spaced codes decoded by a trained autoencoder."""
+    codes, coords = model_lib.decode_codes(model, num_codes)
+    return propose_labels(preprocess.coords_to_kernels(coords, kernel_size), codes, kernel_size)

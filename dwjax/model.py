@@ -10,7 +10,12 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+# Full float32 matmuls on every backend: TPUs default to bfloat16 passes and recent GPUs to TF32,
+# which would move kernels across the clustering threshold and break cross-backend equality.
+PRECISION = jax.lax.Precision.HIGHEST
 
 
 class Autoencoder(nnx.Module):
@@ -20,11 +25,15 @@ class Autoencoder(nnx.Module):
                  *, rngs: nnx.Rngs):
         widths = [dim, *hidden]
         self.negative_slope = negative_slope
-        self.encoder = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
-        self.to_code = nnx.Linear(widths[-1], 1, rngs=rngs)
+
+        def dense(a: int, b: int) -> nnx.Linear:
+            return nnx.Linear(a, b, precision=PRECISION, rngs=rngs)
+
+        self.encoder = nnx.List([dense(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        self.to_code = dense(widths[-1], 1)
         rev = widths[::-1]
-        self.from_code = nnx.Linear(1, rev[0], rngs=rngs)
-        self.decoder = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(rev[:-1], rev[1:])])
+        self.from_code = dense(1, rev[0])
+        self.decoder = nnx.List([dense(a, b) for a, b in zip(rev[:-1], rev[1:])])
 
     def _act(self, x):
         return jax.nn.leaky_relu(x, self.negative_slope)
@@ -46,18 +55,39 @@ class Autoencoder(nnx.Module):
         return self.decode(self.encode(x))
 
 
+def _maker(kernel_size: int, hidden: Sequence[int], negative_slope: float, seed: int = 0):
+    dim = kernel_size * kernel_size - 1
+    return lambda: Autoencoder(dim, tuple(hidden), negative_slope, rngs=nnx.Rngs(seed))
+
+
 def init_params(kernel_size: int, hidden: Sequence[int], negative_slope: float, seed: int):
     """`(graphdef, params)`: the structure (abstract, no compute) and pure-dict initial parameters.
 
-    Initialised inside one jit: built eagerly, each layer's random init is its own small XLA compile
-    (~2 s in all on a CPU); traced once it is a single program with the same values.
+    Initialised inside one jit: built eagerly, each layer's random init is its own small XLA
+    compile; traced once it is a single program with the same values.
     """
-    def make():
-        return Autoencoder(kernel_size * kernel_size - 1, tuple(hidden), negative_slope, rngs=nnx.Rngs(seed))
-
+    make = _maker(kernel_size, hidden, negative_slope, seed)
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())))()
     return graphdef, params
+
+
+def abstract_params(kernel_size: int, hidden: Sequence[int], negative_slope: float):
+    """`(graphdef, params)` with shape/dtype structs for leaves: a restore target, no compute."""
+    graphdef, state = nnx.split(nnx.eval_shape(_maker(kernel_size, hidden, negative_slope)))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge(graphdef, params) -> Autoencoder:
+    """A usable model from its structure and pure-dict parameters (host or device arrays)."""
+    return nnx.merge(graphdef, nnx.State(params))
+
+
+def decode_codes(model: Autoencoder, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(codes [M] float64 = linspace(0, 1, M), coords [M, k*k-1] float32 decoder outputs)`."""
+    codes = np.linspace(0.0, 1.0, num_codes)
+    coords = np.asarray(model.decode(jnp.asarray(codes, jnp.float32)))
+    return codes, coords
 
 
 def architecture(config) -> dict:

@@ -69,6 +69,11 @@ def unembed(coords, kernel_size: int):
     return jnp.reshape(coords @ hyperplane_basis(kernel_size).T, (-1, kernel_size, kernel_size))
 
 
+def coords_to_kernels(coords, kernel_size: int) -> np.ndarray:
+    """`[M, k*k-1]` decoder outputs → `[M, k, k]` unit, centred pixel-space kernels (host array)."""
+    return np.asarray(unembed(normalise_rows(jnp.asarray(coords)), kernel_size))
+
+
 def cosine_dissimilarity(x, y):
     """Row-wise 1 − cos(x, y) of coordinate vectors `[N, d]`, `[N, d]` → `[N]`.
 

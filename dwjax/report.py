@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from collections import defaultdict
+from typing import Callable
 
 import numpy as np
 from absl import app, flags
 
-from dwjax import assignments, figures, paths, shards, templates
+from dwjax import assignments, atomic, cli, figures, paths, shards, templates
+from dwjax import workdir as workdir_lib
+from dwjax.errors import RunDirError
 
 
 def _share_table(groups: list[dict]) -> tuple[list[str], np.ndarray]:
@@ -44,23 +46,22 @@ def _merged(classes: list[str], shares: np.ndarray) -> tuple[list[str], np.ndarr
 
 
 def _write_table(path: str, header: list[str], rows: list[list]) -> None:
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic.atomic_open(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(path + ".tmp", path)
 
 
-def _samples_figure(stats: dict, out: str, per_class: int = 8, seed: int = 0) -> str | None:
+def _samples_figure(run: workdir_lib.RunDir, stats: dict, per_class: int = 8,
+                    seed: int = 0) -> str | None:
     """Random clustered kernels of each class of one shard, read back from its kernel file (skipped
     when the shards are gone or were re-converted since)."""
     k = stats["kernel_size"]
-    path = os.path.join(stats["data_dir"], stats["shard_dir"], f"k{k}x{k}.npy")
+    path = shards.kernel_file(stats["data_dir"], stats["shard_dir"], k)
     if not os.path.exists(path) or shards.sha256_file(path) != stats["shard_sha256"]:
         return None
     by_class = defaultdict(list)
-    csv_path = os.path.join(os.path.dirname(out), "assignments", f"{stats['shard_dir']}.k{k}x{k}.csv")
-    with open(csv_path, newline="") as f:
+    with open(assignments.rows_path(run.assignments, stats["shard_dir"], k), newline="") as f:
         for i, row in enumerate(csv.DictReader(f)):  # rows are in shard order
             if row["clustered"] == "1":
                 by_class[row["label"]].append(i)
@@ -68,18 +69,23 @@ def _samples_figure(stats: dict, out: str, per_class: int = 8, seed: int = 0) ->
         return None
     kernels = np.load(path, mmap_mode="r")
     rng = np.random.default_rng(seed)
-    groups = {f"{c} ({len(by_class[c]):,})": np.asarray(kernels[np.sort(rng.choice(by_class[c], min(per_class, len(by_class[c])), replace=False))])
-              for c in sorted(by_class, key=lambda c: -len(by_class[c]))}
-    return figures.plot_gallery(groups, os.path.join(out, f"samples_{shards.slugify(stats['source'])}.png"),
+    groups = {}
+    for c in sorted(by_class, key=lambda c: -len(by_class[c])):
+        pick = rng.choice(by_class[c], min(per_class, len(by_class[c])), replace=False)
+        groups[f"{c} ({len(by_class[c]):,})"] = np.asarray(kernels[np.sort(pick)])
+    out = os.path.join(run.report, f"samples_{shards.slugify(stats['source'])}.png")
+    return figures.plot_gallery(groups, out,
                                 f"{stats['source']}: random clustered kernels per class (count)")
 
 
-def run_report(workdir: str, log=print) -> dict:
+def run_report(workdir: str, log: Callable[[str], None] = print) -> dict:
     """Writes the tables and figures; returns `{"dir", "figures"}`."""
-    stats = assignments.read_stats(os.path.join(workdir, "assignments"))
+    run = workdir_lib.RunDir(workdir)
+    stats = assignments.read_stats(run.assignments)
     if not stats:
-        raise ValueError(f"--workdir {workdir}: no assignments (run `python -m dwjax.assign` first)")
-    out = os.path.join(workdir, "report")
+        raise RunDirError(f"--workdir {workdir}: no assignments (run `python -m dwjax.assign` "
+                          "first)")
+    out = run.report
     os.makedirs(out, exist_ok=True)
     srcs = [s["source"] for s in stats]
     classes, shares = _share_table(stats)
@@ -101,7 +107,7 @@ def run_report(workdir: str, log=print) -> dict:
         figs.append(figures.plot_proportions([str(l["layer"]) for l in layers], *_merged(lcls, lshare),
                                              os.path.join(out, f"layers_{shards.slugify(s['source'])}.png"),
                                              f"{s['source']}: class shares among clustered kernels per depthwise layer"))
-        sample = _samples_figure(s, out)
+        sample = _samples_figure(run, s)
         if sample:
             figs.append(sample)
     _write_table(os.path.join(out, "by_layer.csv"),
@@ -119,16 +125,16 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "Run directory with assignments (default $DWJAX_HOME/runs/k<kernel_size>).")
+    flags.DEFINE_string("workdir", None,
+                        "Run directory with assignments (default $DWJAX_HOME/runs/k<kernel_size>).")
     flags.DEFINE_integer("kernel_size", 5, "Picks the default workdir when --workdir is not given.")
 
 
 def main(argv):
     del argv
-    try:
+    cli.setup(uses_jax=False)
+    with cli.user_errors("report"):
         run_report(FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size))
-    except ValueError as e:
-        sys.exit(f"report: {e}")
 
 
 if __name__ == "__main__":

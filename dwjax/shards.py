@@ -19,19 +19,34 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from typing import Iterator
+import time
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from dwjax import __version__, atomic
+from dwjax.errors import UserError
 from dwjax.extract import DepthwiseLayer
 
 FORMAT = "dwjax-kernels/1"
 META_DTYPE = np.dtype([("layer", "<i4"), ("channel", "<i4")])
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """The data directory is unwritable, inconsistent, or lacks what was asked for."""
+
+
+def source_dir(data_dir: str, shard_dir: str) -> str:
+    return os.path.join(data_dir, shard_dir)
+
+
+def kernel_file(data_dir: str, shard_dir: str, kernel_size: int) -> str:
+    """`<data_dir>/<shard_dir>/k<k>x<k>.npy`: float32 `[n, k, k]`."""
+    return os.path.join(data_dir, shard_dir, f"k{kernel_size}x{kernel_size}.npy")
+
+
+def meta_file(data_dir: str, shard_dir: str, kernel_size: int) -> str:
+    return os.path.join(data_dir, shard_dir, f"k{kernel_size}x{kernel_size}.meta.npy")
 
 
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:
@@ -46,32 +61,13 @@ def slugify(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:120] or "source"
 
 
-def _atomic_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are for users to open
-    os.replace(tmp, path)
-
-
 def ensure_writable(data_dir: str) -> None:
     """Creates `data_dir` if needed; raises ShardError (one line) if it cannot be written."""
     try:
         os.makedirs(data_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".tmp-probe-")
-        os.close(fd)
-        os.remove(tmp)
+        os.rmdir(atomic.temp_dir(data_dir, "probe"))
     except OSError as e:
         raise ShardError(f"--data_dir {data_dir}: not writable ({e.strerror or e})")
-
-
-def clean_temp(data_dir: str) -> None:
-    """Removes what killed runs left (hidden `.tmp-*` files and directories)."""
-    for name in os.listdir(data_dir):
-        if name.startswith(".tmp-"):
-            p = os.path.join(data_dir, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
 def source_complete(data_dir: str, slug: str, source_id: str, input_sha256: str | None = None) -> bool:
@@ -103,7 +99,25 @@ def write_source(data_dir: str, slug: str, source_id: str, origin: dict,
     groups: dict[str, list[DepthwiseLayer]] = {}
     for layer in layers:
         groups.setdefault(layer.size_key, []).append(layer)
-    tmp = tempfile.mkdtemp(dir=data_dir, prefix=".tmp-" + slug[:40] + "-")
+    tmp = atomic.temp_dir(data_dir, slug[:40])
+    try:
+        entry = _write_files(tmp, slug, source_id, origin, layers, groups)
+        final = os.path.join(data_dir, slug)
+        if os.path.exists(final):  # move the old one aside first: a kill now leaves a temp, never a mix
+            old = atomic.temp_dir(data_dir, "old")
+            os.replace(final, os.path.join(old, "x"))
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return entry
+
+
+def _write_files(tmp: str, slug: str, source_id: str, origin: dict, layers: list[DepthwiseLayer],
+                 groups: dict[str, list[DepthwiseLayer]]) -> dict:
     files, counts = {}, {}
     for key, group in groups.items():
         kernels = np.concatenate([g.kernels for g in group]).astype(np.float32, copy=False)
@@ -123,16 +137,8 @@ def write_source(data_dir: str, slug: str, source_id: str, origin: dict,
         "layers": [{"layer": l.index, "name": l.name, "size": l.size_key, "channels": len(l.kernels),
                     "stride": l.stride, "dilation": l.dilation} for l in layers],
     }
-    _atomic_json(os.path.join(tmp, "source.json"), entry)
+    atomic.write_json(os.path.join(tmp, "source.json"), entry, sort_keys=True)
     os.chmod(tmp, 0o755)
-    final = os.path.join(data_dir, slug)
-    if os.path.exists(final):  # move the old one aside first: a kill now leaves a .tmp-, never a mix
-        old = tempfile.mkdtemp(dir=data_dir, prefix=".tmp-old-")
-        os.replace(final, os.path.join(old, "x"))
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
     return entry
 
 
@@ -158,8 +164,12 @@ def rebuild_manifest(data_dir: str, version: str) -> dict:
             totals[k] = totals.get(k, 0) + n
     manifest = {"format": FORMAT, "dwjax_version": version, "totals": dict(sorted(totals.items())),
                 "sources": sources}
-    _atomic_json(os.path.join(data_dir, "manifest.json"), manifest)
+    atomic.write_json(os.path.join(data_dir, "manifest.json"), manifest, sort_keys=True)
     return manifest
+
+
+def has_manifest(data_dir: str) -> bool:
+    return os.path.exists(os.path.join(data_dir, "manifest.json"))
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -193,12 +203,12 @@ def iter_shards(data_dir: str, kernel_size: int) -> Iterator[Shard]:
     for entry in read_manifest(data_dir)["sources"]:
         if key not in entry["counts"]:
             continue
-        d = os.path.join(data_dir, entry["dir"])
+        d = source_dir(data_dir, entry["dir"])
         try:
             with open(os.path.join(d, "source.json")) as f:
                 layers = json.load(f)["layers"]
-            kernels = np.load(os.path.join(d, f"k{key}.npy"), mmap_mode="r")
-            meta = np.load(os.path.join(d, f"k{key}.meta.npy"), mmap_mode="r")
+            kernels = np.load(kernel_file(data_dir, entry["dir"], kernel_size), mmap_mode="r")
+            meta = np.load(meta_file(data_dir, entry["dir"], kernel_size), mmap_mode="r")
         except (OSError, ValueError, KeyError) as e:
             raise ShardError(f"{d}: shard missing or unreadable ({type(e).__name__}); run convert again")
         yield Shard(entry["id"], entry["dir"], kernels, meta, {l["layer"]: l["name"] for l in layers},
@@ -207,3 +217,42 @@ def iter_shards(data_dir: str, kernel_size: int) -> Iterator[Shard]:
 
 def count_kernels(data_dir: str, kernel_size: int) -> int:
     return int(read_manifest(data_dir)["totals"].get(f"{kernel_size}x{kernel_size}", 0))
+
+
+def describe(entry: dict) -> str:
+    """One line for a source's manifest entry: kernels per size and depthwise layers."""
+    if not entry["counts"] and not entry["nonsquare"]:
+        return "no depthwise convolutions"
+    by_size = sorted(entry["counts"].items(), key=lambda kv: -int(kv[0].split("x")[0]))
+    parts = [f"{k}: {n:,}" for k, n in by_size]
+    parts += [f"{k} (non-square, kept apart): {n:,}" for k, n in entry["nonsquare"].items()]
+    return ", ".join(parts) + f" kernels in {entry['num_layers']} depthwise layers"
+
+
+def add_sources(data_dir: str, sources: Sequence, log: Callable[[str], None] = print) -> dict:
+    """Converts each source (`dwjax.sources.Source`) not already in `data_dir`; returns the rebuilt
+    manifest.
+
+    Every source is loaded fully before its directory is written (temp + rename), so an error or a
+    kill leaves no partial shard; the manifest is rebuilt from the completed sources each time.
+    """
+    created = not os.path.exists(data_dir)
+    ensure_writable(data_dir)
+    atomic.clean_stale(data_dir)
+    try:
+        for src in sources:
+            t0 = time.perf_counter()
+            if source_complete(data_dir, src.slug, src.id, src.origin.get("sha256")):
+                log(f"{src.id}: already converted, skipped")
+                continue
+            entry = write_source(data_dir, src.slug, src.id, src.origin, src.load())
+            log(f"{src.id}: {describe(entry)} ({time.perf_counter() - t0:.2f}s)")
+    except BaseException:
+        atomic.clean_stale(data_dir)
+        if created and not os.listdir(data_dir):
+            os.rmdir(data_dir)
+        elif os.path.isdir(data_dir) and os.listdir(data_dir):
+            # sources completed before the failure stay (they are whole); the manifest lists them
+            rebuild_manifest(data_dir, __version__)
+        raise
+    return rebuild_manifest(data_dir, __version__)

@@ -12,12 +12,13 @@ from typing import Callable
 
 import numpy as np
 
-from dwjax import checkpoint_io
+from dwjax import weight_files
+from dwjax.errors import UserError
 from dwjax.extract import DepthwiseLayer, layers_from_module, layers_from_state
 from dwjax.shards import sha256_file, slugify
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source flag names something that cannot be converted (one-line message)."""
 
 
@@ -63,8 +64,8 @@ def embedded_sources() -> list[Source]:
 
 def _open(path: str) -> dict:
     try:
-        return checkpoint_io.open_checkpoint(path)
-    except checkpoint_io.CheckpointError as e:
+        return weight_files.open_checkpoint(path)
+    except weight_files.CheckpointError as e:
         raise SourceError(f"--checkpoint {e}")
 
 

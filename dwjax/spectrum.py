@@ -7,90 +7,70 @@ without --relabel), and draws the spectrum as the paper's Figure 3.
 from __future__ import annotations
 
 import os
-import sys
+from typing import Callable
 
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dwjax import figures, labels as labels_lib, paths, preprocess, templates
+from dwjax import atomic, cli, figures, labels as labels_lib, model as model_lib, paths
+from dwjax import preprocess, templates, workdir as workdir_lib
+from dwjax.errors import ConfigError
 
 
-def decode_codes(model, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(codes [M] float64 = linspace(0, 1, M), coords [M, k*k-1] float32 decoder outputs)`."""
-    codes = np.linspace(0.0, 1.0, num_codes)
-    coords = np.asarray(model.decode(jnp.asarray(codes, jnp.float32)))
-    return codes, coords
+def run_spectrum(workdir: str, num_codes: int = labels_lib.SPECTRUM_CODES, relabel: bool = False,
+                 log: Callable[[str], None] = print) -> dict:
+    """Writes `spectrum.npz`, `labels.json` (if absent or `relabel`) and the figures.
 
-
-def coords_to_kernels(coords: np.ndarray, kernel_size: int) -> np.ndarray:
-    """`[M, k*k-1]` decoder outputs → `[M, k, k]` unit, centred pixel-space kernels."""
-    return np.asarray(preprocess.unembed(preprocess.normalise_rows(jnp.asarray(coords)), kernel_size))
-
-
-def labels_path(workdir: str) -> str:
-    return os.path.join(workdir, "labels.json")
-
-
-def run_spectrum(workdir: str, num_codes: int = 500, relabel: bool = False, log=print) -> dict:
-    """Writes `spectrum.npz`, `labels.json` (if absent or `relabel`) and `figures/spectrum.png`.
-
-    Returns `{"spectrum", "labels", "figure"}` paths.
+    Returns `{"spectrum", "labels", "figure", "templates_figure"}` paths.
     """
-    from dwjax.train import load_trained
-
-    model, config = load_trained(workdir)
+    if num_codes < 2:
+        raise ConfigError(f"--num_codes {num_codes}: need at least 2")
+    run = workdir_lib.RunDir(workdir)
+    model, config = workdir_lib.load_model(run)
     k = int(config.kernel_size)
-    codes, coords = decode_codes(model, num_codes)
-    kernels = coords_to_kernels(coords, k)
-    spec_path = os.path.join(workdir, "spectrum.npz")
-    tmp = spec_path + ".tmp.npz"
-    np.savez(tmp, codes=codes, coords=coords, kernels=kernels)
-    os.replace(tmp, spec_path)
-    lpath = labels_path(workdir)
-    if relabel or not os.path.exists(lpath):
+    codes, coords = model_lib.decode_codes(model, num_codes)
+    kernels = preprocess.coords_to_kernels(coords, k)
+    atomic.save_npz(run.spectrum_npz, codes=codes, coords=coords, kernels=kernels)
+    if relabel or not os.path.exists(run.labels_json):
         proposal = labels_lib.propose_labels(kernels, codes, k)
-        labels_lib.save_labels(lpath, proposal)
-        log(f"proposed {len(proposal['intervals'])} labelled intervals → {lpath} (edit freely)")
-    labels = labels_lib.load_labels(lpath, k)
+        labels_lib.save_labels(run.labels_json, proposal)
+        log(f"proposed {len(proposal['intervals'])} labelled intervals → {run.labels_json} "
+            "(edit freely)")
+    labels = labels_lib.load_labels(run.labels_json, k)
     for iv in labels["intervals"]:
         log(f"  [{iv['start']:.3f}, {iv['end']:.3f})  {iv['label']}")
-    fig = figures.plot_spectrum(kernels, codes, os.path.join(workdir, "figures", "spectrum.png"), labels,
-                                title=f"{k}×{k} spectrum ({os.path.basename(os.path.normpath(workdir))})")
+    name = os.path.basename(os.path.normpath(workdir))
+    fig = figures.plot_spectrum(kernels, codes, run.figure("spectrum.png"), labels,
+                                title=f"{k}×{k} spectrum ({name})")
     bank, bank_class, _ = templates.template_bank(k)
     names = templates.class_names(k)
     gallery = {names[c]: bank[bank_class == c][:: max(1, int((bank_class == c).sum()) // 8)]
                for c in np.unique(bank_class)}
-    bank_fig = figures.plot_gallery(gallery, os.path.join(workdir, "figures", "templates.png"),
-                                    f"{k}×{k} DoG-family template bank (what the labels are matched against)")
-    log(f"spectrum of {num_codes} codes → {spec_path}, figures → {fig}, {bank_fig}")
-    return {"spectrum": spec_path, "labels": lpath, "figure": fig, "templates_figure": bank_fig}
+    bank_fig = figures.plot_gallery(
+        gallery, run.figure("templates.png"),
+        f"{k}×{k} DoG-family template bank (what the labels are matched against)")
+    log(f"spectrum of {num_codes} codes → {run.spectrum_npz}, figures → {fig}, {bank_fig}")
+    return {"spectrum": run.spectrum_npz, "labels": run.labels_json, "figure": fig,
+            "templates_figure": bank_fig}
 
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "A training run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
+    flags.DEFINE_string("workdir", None,
+                        "A training run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
     flags.DEFINE_integer("kernel_size", 5, "Picks the default workdir when --workdir is not given.")
-    flags.DEFINE_integer("num_codes", 500, "Evenly spaced codes to decode.")
+    flags.DEFINE_integer("num_codes", labels_lib.SPECTRUM_CODES, "Evenly spaced codes to decode.")
     flags.DEFINE_bool("relabel", False, "Replace an existing labels.json with a fresh proposal.")
 
 
 def main(argv):
     del argv
-    from dwjax.train import TrainError, quiet_logs
-    from dwjax.checkpointing import CheckpointMismatch
-
-    quiet_logs()
-    paths.enable_compilation_cache()
-    workdir = FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size)
-    if FLAGS.num_codes < 2:
-        sys.exit(f"spectrum: --num_codes {FLAGS.num_codes}: need at least 2")
-    try:
-        run_spectrum(workdir, FLAGS.num_codes, FLAGS.relabel)
-    except (TrainError, CheckpointMismatch, ValueError) as e:
-        sys.exit(f"spectrum: {e}")
+    cli.setup()
+    with cli.user_errors("spectrum"):
+        run_spectrum(FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size), FLAGS.num_codes,
+                     FLAGS.relabel)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def child(method: str, path: str, model: str) -> dict:
         out["params"] = sum(p.numel() for p in m.parameters())
         save_file(m.state_dict(), path)
     elif method == "lazy":
-        from dwjax.checkpoint_io import open_checkpoint
+        from dwjax.weight_files import open_checkpoint
         from dwjax.extract import layers_from_state
 
         layers = layers_from_state(open_checkpoint(path))

@@ -29,8 +29,9 @@ def main() -> None:
     import jax
     import torch
 
-    from configs import train as train_configs
-    from dwjax import convert, sources, train, torch_reference
+    from dwjax.configs import train as train_configs
+    from dwjax import convert, sources, train
+    from tests import torch_reference
     from dwjax.shards import iter_shards
 
     torch.set_num_threads(args.threads)

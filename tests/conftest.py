@@ -25,7 +25,7 @@ def embedded_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_run_k5(embedded_dir, tmp_path_factory):
     """`python -m dwjax.train --kernel_size=5`'s config on the embedded default, trained once."""
-    from configs import train as train_configs
+    from dwjax.configs import train as train_configs
     from dwjax import train
 
     workdir = str(tmp_path_factory.mktemp("run_k5"))

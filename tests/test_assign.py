@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from configs import train as train_configs
-from dwjax import assign, convert, labels as labels_lib, nearest, shards, sources, spectrum, templates, train
+from dwjax.configs import train as train_configs
+from dwjax import assign, convert, labels as labels_lib, model as model_lib, nearest, shards, sources, spectrum
+from dwjax import templates, train, workdir as workdir_lib
 from tests.conftest import run_module
 from tests.helpers import make_data_dir
 
@@ -56,8 +57,8 @@ def test_assignment_rows_equal_brute_force(dog_run, tmp_path):
     float64 argmax: the dissimilarity must agree to 1e-5 and the code to a few steps (the exact-index
     check on well-separated random data is in test_nearest)."""
     workdir, d, _ = dog_run
-    model, _ = train.load_trained(workdir)
-    codes, recon = spectrum.decode_codes(model, 10_000)
+    model, _ = workdir_lib.load_model(workdir_lib.RunDir(workdir))
+    codes, recon = model_lib.decode_codes(model, 10_000)
     shard = next(shards.iter_shards(d, 7))
     ref_idx, ref_dis = nearest.nearest_codes_reference(shard.kernels, recon)
     rows = _rows(workdir)
@@ -156,7 +157,7 @@ def test_inconsistent_workdirs_get_one_line_errors(dog_run, tmp_path):
 def test_labels_file_kernel_size_mismatch_is_refused(tmp_path):
     path = str(tmp_path / "labels.json")
     labels_lib.save_labels(path, {"kernel_size": 5, "intervals": []})
-    with pytest.raises(ValueError, match="labels.json"):
+    with pytest.raises(labels_lib.LabelsError, match="labels.json"):
         labels_lib.load_labels(path, 7)
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from dwjax import convert as convert_mod
 from dwjax import shards
 from dwjax.extract import layers_from_module, layers_from_state
-from dwjax.checkpoint_io import open_checkpoint
+from dwjax.weight_files import open_checkpoint
 from dwjax.sources import EMBEDDED, SourceError, checkpoint_source, embedded_sources, npz_source, timm_source
 
 timm = pytest.importorskip("timm")

@@ -54,12 +54,12 @@ def test_invalid_files_raise_naming_the_file(tmp_path, case):
     content, fragment = BAD[case]
     path = tmp_path / f"bad_{case}.json"
     path.write_text(json.dumps(content))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(L.LabelsError) as e:
         L.load_labels(path, 7)
     msg = str(e.value)
     assert str(path) in msg and fragment in msg and "\n" not in msg
     if case != "wrong_k":  # save refuses the same content (a k=5 file is valid on its own)
-        with pytest.raises(ValueError, match="out.json"):
+        with pytest.raises(L.LabelsError, match="out.json"):
             L.save_labels(tmp_path / "out.json", content)
         assert not (tmp_path / "out.json").exists()
 
@@ -70,7 +70,7 @@ def test_invalid_files_raise_naming_the_file(tmp_path, case):
 def test_bad_json_raises_naming_the_file(tmp_path, text):
     path = tmp_path / "broken.json"
     path.write_text(text)
-    with pytest.raises(ValueError, match="broken.json"):
+    with pytest.raises(L.LabelsError, match="broken.json"):
         L.load_labels(path, 7)
 
 

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from configs import train as train_configs
+from dwjax.configs import train as train_configs
 from dwjax import tb_events, train
 from tests.helpers import make_data_dir
 

@@ -1,4 +1,4 @@
-"""Lazy, torch-free readers for PyTorch checkpoint files.
+"""Lazy, torch-free readers for published weight files (PyTorch and safetensors checkpoints).
 
 `open_checkpoint(path)` returns `{name: LazyTensor}` for a `.safetensors`, a zip-format `.pth/.pt/.bin`
 (torch >= 1.6) or a legacy-format `.pth` (torch < 1.6). Nothing is read until `LazyTensor.load()` is
@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt or of an unknown format."""
+from dwjax.errors import CheckpointError  # noqa: F401  (raised here; importers catch it from here)
 
 
 # torch storage class name -> numpy dtype. bfloat16 is read as uint16 and widened on load.

@@ -1,4 +1,4 @@
-"""dwjax.checkpoint_io (the torch-free lazy readers) against torch.load / safetensors on real files."""
+"""dwjax.weight_files (the torch-free lazy readers) against torch.load / safetensors on real files."""
 import importlib.util
 import os
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dwjax.checkpoint_io import CheckpointError, open_checkpoint
+from dwjax.weight_files import CheckpointError, open_checkpoint
 from dwjax.extract import layers_from_state
 from dwjax.sources import EMBEDDED
 

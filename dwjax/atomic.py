@@ -1,0 +1,95 @@
+"""Atomic writes: the one way dwjax writes a plain file (orbax keeps its own).
+
+A file is written under a hidden temp name beside its destination and renamed over it only once it
+is complete, so a reader (or a re-run after a kill) sees the old file or the new one, never half of
+one. Temp names carry the writer's pid (`.tmp-<pid>-<name>-<random>`): concurrent writers never
+share a temp file, and `clean_stale` removes only what a dead process left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import IO, Any, Iterator
+
+TMP_PREFIX = ".tmp-"
+
+
+def _prefix(name: str) -> str:
+    return f"{TMP_PREFIX}{os.getpid()}-{name[:60]}-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a fresh temp path beside `path` (same extension, so savers that infer the format from
+    it work); renames it over `path` when the block succeeds, removes it when it raises."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_prefix(os.path.basename(path)),
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are for users to open
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """`open` for writing, atomically: the file appears at `path` complete, or not at all."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+
+
+def write_json(path: str, obj: Any, indent: int = 1, sort_keys: bool = False) -> None:
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys, allow_nan=False)
+        f.write("\n")
+
+
+def save_npz(path: str, **arrays) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
+def temp_dir(parent: str, name: str) -> str:
+    """A fresh hidden directory in `parent` owned by this process (see `clean_stale`)."""
+    return tempfile.mkdtemp(dir=parent, prefix=_prefix(name))
+
+
+def _owner_alive(entry: str) -> bool:
+    try:
+        pid = int(entry[len(TMP_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return False  # not ours, or an older naming scheme: no owner to wait for
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def clean_stale(folder: str) -> None:
+    """Removes temp files and directories in `folder` whose writing process is gone; never
+    another live process's work in progress."""
+    for entry in os.listdir(folder):
+        if entry.startswith(TMP_PREFIX) and not _owner_alive(entry):
+            path = os.path.join(folder, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)

@@ -1,0 +1,95 @@
+"""What every stage's `main` shares: log level, the compilation cache, multi-host start, default
+directories, the embedded-default conversion, and the one rule for errors.
+
+The rule: a `UserError` (bad flag, file or directory) becomes one line `<stage>: <message>` on
+stderr and exit code 1; an OS-level failure a user can fix (permission, not a directory, disk
+full, file too large) becomes one line naming the path, exit 1; Ctrl-C becomes `<stage>:
+interrupted`, exit 130. Anything else raises with its traceback, because it is a bug.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import sys
+from typing import Callable, Iterator
+
+from absl import flags, logging
+
+from dwjax import paths, shards, sources
+from dwjax.errors import UserError
+
+# Failures of the environment, not of dwjax: each names a path the user can fix.
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
+                   errno.EROFS, errno.EFBIG, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def fail(stage: str, message: str, code: int) -> None:
+    print(f"{stage}: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def user_errors(stage: str) -> Iterator[None]:
+    """Turns what a user can cause into one line and an exit code; lets bugs raise."""
+    try:
+        yield
+    except UserError as e:
+        fail(stage, str(e), 1)
+    except KeyboardInterrupt:
+        fail(stage, "interrupted", 130)
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        where = e.filename if e.filename is not None else "?"
+        fail(stage, f"{where}: {e.strerror or e}", 1)
+
+
+def setup(uses_jax: bool = True) -> None:
+    """Log level and compilation cache, for a stage run as a program (never for library calls).
+
+    orbax logs every save at INFO: the terminal keeps to our progress lines unless -v is given.
+    """
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+        logging.set_verbosity(logging.WARNING)
+    if not uses_jax:
+        return
+    import jax
+
+    # A re-run (resume, another stage on the same run) skips compiles; library code leaves jax's
+    # configuration alone.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", paths.xla_cache_dir())
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def define_distributed_flags() -> None:
+    flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
+                      "(auto-detects Cloud TPU pods and SLURM; else give the three flags below).")
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0 (multi-host without auto-detection).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+
+
+def init_distributed() -> None:
+    """Starts JAX's multi-process runtime when the distributed flags ask for it."""
+    fl = flags.FLAGS
+    if fl.distributed or fl.coordinator_address:
+        import jax
+
+        jax.distributed.initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
+
+
+def data_dir_or_default(data_dir: str | None, log: Callable[[str], None] = print) -> str:
+    """`data_dir`, or the embedded default's shards (converted first if they are missing)."""
+    if data_dir is not None:
+        return data_dir
+    data_dir = paths.default_data_dir()
+    if not shards.has_manifest(data_dir):
+        log(f"no kernel shards in {data_dir}: converting the embedded default first")
+        shards.add_sources(data_dir, sources.embedded_sources(), log=log)
+    return data_dir

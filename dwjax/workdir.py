@@ -1,0 +1,131 @@
+"""The run directory: the one owner of every path in it, of `config.json`, and of restoring the
+trained model for inference. Every stage asks here; none spells a run-directory path itself.
+
+    <workdir>/config.json             {"architecture": {kernel_size, hidden, negative_slope},
+                                       "config": the train config}
+    <workdir>/checkpoints/<step>/     orbax: params, opt_state, meta (dwjax.run_checkpoints)
+    <workdir>/metrics.jsonl           training curves (dwjax.metrics), tensorboard/ beside it
+    <workdir>/spectrum.npz            decoded codes (spectrum stage)
+    <workdir>/labels.json             labelled code intervals (dwjax.labels)
+    <workdir>/figures/                spectrum and template-bank figures
+    <workdir>/kmeans_k<k>.npz         the 3×3 path's centroids
+    <workdir>/assignments/            per-shard rows and statistics (dwjax.assignments)
+    <workdir>/report/                 tables and figures (report stage)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+
+from dwjax import atomic, model as model_lib, run_checkpoints
+from dwjax.errors import RunDirError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """Paths of one run directory (nothing is created by building one)."""
+    path: str
+
+    @property
+    def config_json(self) -> str:
+        return os.path.join(self.path, "config.json")
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.path, "checkpoints")
+
+    @property
+    def metrics_jsonl(self) -> str:
+        return os.path.join(self.path, "metrics.jsonl")
+
+    @property
+    def tensorboard(self) -> str:
+        return os.path.join(self.path, "tensorboard")
+
+    @property
+    def spectrum_npz(self) -> str:
+        return os.path.join(self.path, "spectrum.npz")
+
+    @property
+    def labels_json(self) -> str:
+        return os.path.join(self.path, "labels.json")
+
+    def figure(self, name: str) -> str:
+        return os.path.join(self.path, "figures", name)
+
+    def kmeans_npz(self, kernel_size: int) -> str:
+        return os.path.join(self.path, f"kmeans_k{kernel_size}.npz")
+
+    @property
+    def assignments(self) -> str:
+        return os.path.join(self.path, "assignments")
+
+    @property
+    def report(self) -> str:
+        return os.path.join(self.path, "report")
+
+
+def _read_saved(run: RunDir) -> dict | None:
+    """config.json's content, or None when the file does not exist; one line when it is corrupt."""
+    try:
+        with open(run.config_json) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{run.config_json}: corrupt ({type(e).__name__}: {e})")
+    try:
+        arch, config = saved["architecture"], saved["config"]
+        k = config["kernel_size"]
+        ok = (isinstance(k, int) and k >= 2 and arch.get("kernel_size") == k
+              and isinstance(arch.get("hidden"), list) and config["model"]["hidden"] is not None)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise RunDirError(f"{run.config_json}: corrupt (missing {e})")
+    if not ok:
+        raise RunDirError(f"{run.config_json}: corrupt (inconsistent architecture and config)")
+    return saved
+
+
+def saved_kernel_size(run: RunDir) -> int | None:
+    """The kernel size the run was trained on, or None when it has no config.json."""
+    saved = _read_saved(run)
+    return None if saved is None else int(saved["config"]["kernel_size"])
+
+
+def read_config(run: RunDir) -> ml_collections.ConfigDict:
+    """The run's train config; refuses a directory that is not a training run."""
+    saved = _read_saved(run)
+    if saved is None:
+        raise RunDirError(f"--workdir {run.path}: no config.json (not a dwjax training run; "
+                          "train first)")
+    return ml_collections.ConfigDict(saved["config"])
+
+
+def check_architecture(run: RunDir, architecture: dict) -> None:
+    """Refuses a run directory trained with another kernel size or architecture."""
+    saved = _read_saved(run)
+    if saved is not None and saved["architecture"] != architecture:
+        raise RunDirError(f"{run.config_json}: workdir was trained with "
+                          f"{json.dumps(saved['architecture'])}, this config is "
+                          f"{json.dumps(architecture)}; use another --workdir")
+
+
+def write_config(run: RunDir, config: ml_collections.ConfigDict, architecture: dict) -> None:
+    atomic.write_json(run.config_json, {"architecture": architecture,
+                                        "config": json.loads(config.to_json_best_effort())})
+
+
+def load_model(run: RunDir):
+    """`(model, config)`: the autoencoder with the latest checkpoint's parameters (no optimizer
+    state is read or built)."""
+    config = read_config(run)
+    arch = model_lib.architecture(config)
+    graphdef, abstract = model_lib.abstract_params(config.kernel_size, config.model.hidden,
+                                                   config.model.negative_slope)
+    params, _ = run_checkpoints.restore_params(run.checkpoints, abstract, arch)
+    if params is None:
+        raise RunDirError(f"--workdir {run.path}: no checkpoint (train first)")
+    return model_lib.merge(graphdef, params), config
