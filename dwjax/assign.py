@@ -7,29 +7,34 @@ device) and is *clustered* if that minimum is below the threshold for k (0.3 for
 3×3 path (paper §5): k-means with 10 clusters on min-max-encoded kernels (dwjax.kmeans); the code is
 the cluster id and the dissimilarity the distance to its centroid.
 
-Output: `<workdir>/assignments/<source>.k<k>x<k>.csv`, one per shard, written atomically, so a killed
-job re-run skips finished shards and writes nothing twice; `settings.json` pins what they were made
-with. Read them all with
-`pd.concat(map(pd.read_csv, glob.glob("<workdir>/assignments/*.csv")))`.
+Output (dwjax.assignments): one Parquet file of rows per shard, or per row range of a shard larger
+than `--part_size`, written as it streams and renamed into place when complete, so a killed job
+re-run skips finished parts and writes nothing twice; `_meta/settings.json` pins what they were made
+with. Read a whole job with `pd.read_parquet("<workdir>/assignments")`. `--num_workers/--worker_index`
+split a job over independent processes; `--distributed` over the hosts of one JAX job.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import os
+import time
 from typing import Callable
 
 import numpy as np
 from absl import app, flags
 
 from dwjax import assignments, atomic, cli, kmeans, labels as labels_lib, model as model_lib
-from dwjax import nearest, paths, preprocess, shards, templates, workdir as workdir_lib
+from dwjax import mesh as mesh_lib, nearest, paths, preprocess, shards, templates
+from dwjax import workdir as workdir_lib
 from dwjax.errors import ConfigError, UserError
 
 # Paper §4.2: 0.3 for 7×7, 0.2 for 5×5 ("lower dimensional spaces tend to have closer vectors
 # angularly"). Other sizes: 0.2 below 7, 0.3 from 7 up, until someone measures better.
 PAPER_THRESHOLDS = {5: 0.2, 7: 0.3}
 UNCLUSTERED, DEAD = assignments.UNCLUSTERED, assignments.DEAD
+DEFAULT_PART_SIZE = 1 << 20
 
 
 class AssignError(UserError):
@@ -60,8 +65,11 @@ class AutoencoderClassifier:
                 "`python -m dwjax.spectrum` for the figures)")
         self.labels = labels_lib.load_labels(run.labels_json, k)
         self.codes, self.recon = model_lib.decode_codes(model, num_codes)
-        self.code_labels = labels_lib.label_codes(self.labels, self.codes)
+        # label dictionary: the classes, then the two verdicts that are not a class
+        self.label_names = templates.class_names(k) + [UNCLUSTERED, DEAD]
+        self.code_label = labels_lib.label_index(self.labels, self.codes).astype(np.int32)
         self.threshold, self.chunk_size = threshold, chunk_size
+        self.mesh = mesh_lib.local_mesh()
         with open(run.labels_json, "rb") as f:
             labels_sha = hashlib.sha256(f.read()).hexdigest()
         # the decoded codes identify the trained decoder (and the number of codes)
@@ -70,14 +78,17 @@ class AutoencoderClassifier:
                          "num_codes": num_codes, "labels_sha256": labels_sha,
                          "decoded_codes_sha256": codes_sha}
 
-    def __call__(self, kernels: np.ndarray):
-        idx, dis = nearest.nearest_codes(kernels, self.recon, self.chunk_size)
+    def __call__(self, kernels: np.ndarray) -> tuple[np.ndarray, ...]:
+        """`[n, k, k]` → `(code [n] float64, dissimilarity [n] float32, clustered [n] bool,
+        label_index [n] int32 into label_names)`; dead kernels get NaN code and dissimilarity."""
+        idx, dis = nearest.nearest_codes(kernels, self.recon, self.chunk_size, self.mesh)
         live = idx >= 0
-        code = np.where(live, self.codes[np.maximum(idx, 0)], np.nan)
+        safe = np.maximum(idx, 0)
         clustered = live & (dis < self.threshold)
-        label = np.where(clustered, self.code_labels[np.maximum(idx, 0)], UNCLUSTERED).astype(object)
-        label[~live] = DEAD
-        return code, dis, clustered, label
+        label = np.where(clustered, self.code_label[safe], len(self.label_names) - 2)
+        label[~live] = len(self.label_names) - 1
+        return (np.where(live, self.codes[safe], np.nan), np.where(live, dis, np.nan),
+                clustered, label.astype(np.int32))
 
 
 class KMeansClassifier:
@@ -109,7 +120,9 @@ class KMeansClassifier:
             self.centroids, _ = kmeans.fit_kmeans(x, n_clusters, seed)
             names = self._names(self.centroids)
             atomic.save_npz(path, centroids=self.centroids, names=np.array(names))
-        self.names = np.array(names, dtype=object)
+        # label dictionary: each distinct cluster name once (two clusters may share a class), Dead
+        self.label_names = list(dict.fromkeys(names)) + [DEAD]
+        self.cluster_label = np.array([self.label_names.index(n) for n in names], np.int32)
         centroids_sha = hashlib.sha256(np.asarray(self.centroids).tobytes()).hexdigest()
         self.settings = {"method": "kmeans", "kernel_size": kernel_size, "n_clusters": n_clusters,
                          "seed": seed, "centroids_sha256": centroids_sha}
@@ -122,23 +135,81 @@ class KMeansClassifier:
         return [names[c] if good and c >= 0 else f"cluster {i}"
                 for i, (c, good) in enumerate(zip(cls, ok))]
 
-    def __call__(self, kernels: np.ndarray):
+    def __call__(self, kernels: np.ndarray) -> tuple[np.ndarray, ...]:
+        """As AutoencoderClassifier's: the code is the cluster id and the dissimilarity the
+        Euclidean distance to its centroid in min-max space; every live kernel is clustered."""
         x = kmeans.minmax_encode(kernels)
         live = preprocess.valid_mask(kernels)
         cluster, dist = kmeans.assign_kmeans(x, self.centroids, self.chunk_size)
-        label = self.names[cluster].copy()
-        label[~live] = DEAD
-        return (np.where(live, cluster, -1).astype(np.float64),
-                np.where(live, dist, np.nan).astype(np.float32), live, label)
+        label = np.where(live, self.cluster_label[cluster], len(self.label_names) - 1)
+        return (np.where(live, cluster, np.nan), np.where(live, dist, np.nan).astype(np.float32),
+                live, label.astype(np.int32))
+
+
+def _raw_statistics(kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(total_activation [n], norm [n])`: the sum and the L2 norm of each raw kernel's weights."""
+    flat = kernels.reshape(len(kernels), -1).astype(np.float64)
+    return flat.sum(axis=1), np.sqrt(np.einsum("ij,ij->i", flat, flat))
+
+
+class _Progress:
+    """Kernels done / total, kernels/s and ETA, per part and for the job, every `every` seconds."""
+
+    def __init__(self, total: int, log: Callable[[str], None], every: float = 10.0):
+        self.total, self.log, self.every = total, log, every
+        self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
+
+    def update(self, part: assignments.Part, part_done: int, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        size = part.stop - part.start
+        self.log(f"  {part.shard.source} [{part.start:,}, {part.stop:,}): {part_done:,}/{size:,} "
+                 f"| job {self.done:,}/{self.total:,} ({self.done / max(self.total, 1):.0%}), "
+                 f"{rate:,.0f} kernels/s, ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
+
+
+def _assign_part(clf, part: assignments.Part, writer: assignments.PartWriter, block: int,
+                 progress: _Progress) -> None:
+    """Streams one part block by block: the search of block i+1 runs (in a worker thread, on the
+    devices) while block i is written, so memory depends on the block, not on the shard."""
+    kernels = part.shard.kernels
+
+    def classify(a: int):
+        x = np.asarray(kernels[a:min(a + block, part.stop)], np.float32)
+        return (*clf(x), *_raw_statistics(x))
+
+    starts = list(range(part.start, part.stop, block))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, writer:
+        pending = pool.submit(classify, starts[0]) if starts else None
+        for i, a in enumerate(starts):
+            result = pending.result()
+            pending = pool.submit(classify, starts[i + 1]) if i + 1 < len(starts) else None
+            writer.write(*result)
+            progress.update(part, min(a + block, part.stop) - part.start, len(result[0]))
 
 
 def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: str | None = None,
            threshold: float | None = None, num_codes: int = 10_000,
            chunk_size: int = nearest.DEFAULT_CHUNK, overwrite: bool = False,
+           fmt: str = "parquet", part_size: int = DEFAULT_PART_SIZE, num_workers: int = 1,
+           worker_index: int = 0, wait_for_workers: Callable[[], None] | None = None,
            log: Callable[[str], None] = print) -> dict:
-    """Assigns every k×k kernel of `data_dir`; returns the summary (also in
-    assignments/summary.json)."""
+    """Assigns every k×k kernel of `data_dir` (this worker's parts of it); returns the summary
+    (also in assignments/_meta/summary.json), or, while other workers' parts are missing,
+    `{"complete": False, "parts_done", "parts_total"}`.
+
+    Workers: the shards, cut into parts of at most `part_size` rows, are dealt round-robin; worker
+    `worker_index` of `num_workers` takes every `num_workers`-th part. The summary is written by
+    whichever worker finds every part done (after `wait_for_workers`, when given: a barrier
+    across the processes of one distributed job, after which worker 0 alone writes it).
+    """
     run = workdir_lib.RunDir(workdir)
+    _check_job(fmt, part_size, num_workers, worker_index, overwrite, chunk_size, num_codes,
+               threshold)
     k_saved = workdir_lib.saved_kernel_size(run)
     k = kernel_size or k_saved
     if k is None:
@@ -148,13 +219,8 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
         raise AssignError(f"--kernel_size {kernel_size}: the run in {workdir} was trained on "
                           f"{k_saved}x{k_saved} kernels")
     method = method or default_method(k)
-    if num_codes < 2:
-        raise ConfigError(f"--num_codes {num_codes}: need at least 2")
-    if chunk_size < 1:
-        raise ConfigError(f"--chunk_size {chunk_size}: must be at least 1")
-    if threshold is not None and not 0.0 <= threshold <= 2.0:
-        raise ConfigError(f"--threshold {threshold}: a cosine dissimilarity is in [0, 2]")
-    if not list(shards.iter_shards(data_dir, k)):
+    shard_list = list(shards.iter_shards(data_dir, k))
+    if not shard_list:
         raise AssignError(f"--data_dir {data_dir}: no {k}x{k} kernels")
     if method == "autoencoder":
         if k_saved is None:
@@ -169,15 +235,54 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
     else:
         raise AssignError(f"--method {method!r}: expected autoencoder or kmeans")
     out_dir = run.assignments
-    assignments.check_settings(out_dir, clf.settings, overwrite)
-    for shard in shards.iter_shards(data_dir, k):
-        if assignments.is_done(out_dir, shard, k):
-            log(f"{shard.source}: already assigned, skipped")
+    assignments.check_settings(out_dir, {**clf.settings, "format": fmt}, overwrite)
+    atomic.clean_stale(out_dir)  # row files a killed worker left half-written
+    plan = assignments.plan_parts(shard_list, part_size)
+    mine = plan[worker_index::num_workers]
+    finished = [assignments.is_done(out_dir, p, k, fmt) for p in mine]
+    progress = _Progress(sum(p.stop - p.start for p, f in zip(mine, finished) if not f), log)
+    block = max(1, chunk_size) * 4  # a few compiled calls per block keep the devices' queue full
+    for part, already in zip(mine, finished):
+        where = "" if part.whole else f" rows [{part.start:,}, {part.stop:,})"
+        if already:
+            log(f"{part.shard.source}{where}: already assigned, skipped")
             continue
-        stats = assignments.write_shard(out_dir, shard, k, data_dir, *clf(shard.kernels))
-        log(f"{shard.source}: {stats['clustered']:,}/{stats['kernels']:,} clustered "
+        writer = assignments.PartWriter(out_dir, part, k, fmt, data_dir, clf.label_names)
+        _assign_part(clf, part, writer, block, progress)
+        stats = writer.stats()
+        log(f"{part.shard.source}{where}: {stats['clustered']:,}/{stats['kernels']:,} clustered "
             f"({100 * stats['clustered'] / max(1, stats['kernels']):.1f}%)")
-    return assignments.write_summary(out_dir, k)
+    if wait_for_workers is not None:
+        wait_for_workers()
+        if worker_index != 0:
+            return {"complete": False, "parts_done": None, "parts_total": len(plan)}
+    done = sum(assignments.is_done(out_dir, p, k, fmt) for p in plan)
+    if done < len(plan):
+        log(f"{done} of {len(plan)} parts done; the summary is written once every part is")
+        return {"complete": False, "parts_done": done, "parts_total": len(plan)}
+    assignments.remove_stale(out_dir, plan, k)
+    return {"complete": True, **assignments.write_summary(out_dir, k)}
+
+
+def _check_job(fmt: str, part_size: int, num_workers: int, worker_index: int, overwrite: bool,
+               chunk_size: int, num_codes: int, threshold: float | None) -> None:
+    """Refuses flag values that cannot make a job, before anything is read or written."""
+    if fmt not in assignments.FORMATS:
+        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(assignments.FORMATS)}")
+    if part_size < 1:
+        raise ConfigError(f"--part_size {part_size}: must be at least 1")
+    if num_workers < 1 or not 0 <= worker_index < num_workers:
+        raise ConfigError(f"--worker_index {worker_index}: must be in [0, --num_workers "
+                          f"{num_workers})")
+    if overwrite and num_workers > 1:
+        raise ConfigError("--overwrite: not with several workers (it clears their rows); "
+                          "run it once alone")
+    if num_codes < 2:
+        raise ConfigError(f"--num_codes {num_codes}: need at least 2")
+    if chunk_size < 1:
+        raise ConfigError(f"--chunk_size {chunk_size}: must be at least 1")
+    if threshold is not None and not 0.0 <= threshold <= 2.0:
+        raise ConfigError(f"--threshold {threshold}: a cosine dissimilarity is in [0, 2]")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -186,13 +291,25 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
-    flags.DEFINE_string("data_dir", None, "Kernel shards to assign (default $DWJAX_HOME/data); any converted set.")
-    flags.DEFINE_integer("kernel_size", None, "k (default: the run's; needed for 3×3 k-means without a run).")
-    flags.DEFINE_enum("method", None, ["autoencoder", "kmeans"], "Default: kmeans for 3×3, else autoencoder.")
-    flags.DEFINE_float("threshold", None, "Clustered if dissimilarity < this (default 0.3 for 7×7, 0.2 for 5×5).")
+    flags.DEFINE_string("data_dir", None,
+                        "Kernel shards to assign (default $DWJAX_HOME/data); any converted set.")
+    flags.DEFINE_integer("kernel_size", None,
+                         "k (default: the run's; needed for 3×3 k-means without a run).")
+    flags.DEFINE_enum("method", None, ["autoencoder", "kmeans"],
+                      "Default: kmeans for 3×3, else autoencoder.")
+    flags.DEFINE_float("threshold", None,
+                       "Clustered if dissimilarity < this (default 0.3 for 7×7, 0.2 for 5×5).")
     flags.DEFINE_integer("num_codes", 10_000, "Evenly spaced codes to decode and compare against.")
-    flags.DEFINE_integer("chunk_size", nearest.DEFAULT_CHUNK, "Kernels per compiled call (memory is flat in N).")
+    flags.DEFINE_integer("chunk_size", nearest.DEFAULT_CHUNK,
+                         "Kernels per compiled call (memory is flat in N).")
     flags.DEFINE_bool("overwrite", False, "Redo assignments made with other settings.")
+    flags.DEFINE_enum("format", "parquet", list(assignments.FORMATS), "Row file format.")
+    flags.DEFINE_integer("part_size", DEFAULT_PART_SIZE,
+                         "Rows per part: a larger shard is cut into row ranges, each its own file.")
+    flags.DEFINE_integer("num_workers", 1, "Independent workers sharing this job (SLURM arrays, "
+                         "separate VMs): each takes every num_workers-th part.")
+    flags.DEFINE_integer("worker_index", 0, "This worker's index in [0, num_workers).")
+    cli.define_distributed_flags()
 
 
 def main(argv):
@@ -200,12 +317,26 @@ def main(argv):
     cli.setup()
     workdir = FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size or 5)
     with cli.user_errors("assign"):
+        cli.init_distributed()
+        workers, index, barrier = FLAGS.num_workers, FLAGS.worker_index, None
+        if cli.distributed_requested():
+            import jax
+            from jax.experimental import multihost_utils
+
+            if workers != 1:
+                raise ConfigError("--num_workers: not with --distributed (every process is a "
+                                  "worker)")
+            workers, index = jax.process_count(), jax.process_index()
+            barrier = lambda: multihost_utils.sync_global_devices("dwjax.assign")  # noqa: E731
         summary = assign(workdir, FLAGS.data_dir or paths.default_data_dir(), FLAGS.kernel_size,
                          FLAGS.method, FLAGS.threshold, FLAGS.num_codes, FLAGS.chunk_size,
-                         FLAGS.overwrite)
-    print(f"{summary['clustered']:,} of {summary['kernels']:,} kernels clustered "
-          f"({100 * summary['clustered_fraction']:.1f}%); per-kernel rows in "
-          f"{workdir_lib.RunDir(workdir).assignments}/")
+                         FLAGS.overwrite, FLAGS.format, FLAGS.part_size, workers, index, barrier)
+    rows = workdir_lib.RunDir(workdir).assignments
+    if summary["complete"]:
+        print(f"{summary['clustered']:,} of {summary['kernels']:,} kernels clustered "
+              f"({100 * summary['clustered_fraction']:.1f}%); per-kernel rows in {rows}/")
+    else:
+        print(f"worker {index}: its parts are assigned; rows in {rows}/")
 
 
 if __name__ == "__main__":

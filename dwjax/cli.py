@@ -75,10 +75,14 @@ def define_distributed_flags() -> None:
     flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
 
 
+def distributed_requested() -> bool:
+    return bool(flags.FLAGS.distributed or flags.FLAGS.coordinator_address)
+
+
 def init_distributed() -> None:
     """Starts JAX's multi-process runtime when the distributed flags ask for it."""
     fl = flags.FLAGS
-    if fl.distributed or fl.coordinator_address:
+    if distributed_requested():
         import jax
 
         jax.distributed.initialize(fl.coordinator_address, fl.num_processes, fl.process_id)

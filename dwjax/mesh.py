@@ -10,6 +10,11 @@ def data_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), ("data",))
 
 
+def local_mesh() -> Mesh:
+    """This process's devices only: for work each process does on its own (assignment parts)."""
+    return Mesh(np.array(jax.local_devices()), ("data",))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -60,11 +60,10 @@ def _samples_figure(run: workdir_lib.RunDir, stats: dict, per_class: int = 8,
     path = shards.kernel_file(stats["data_dir"], stats["shard_dir"], k)
     if not os.path.exists(path) or shards.sha256_file(path) != stats["shard_sha256"]:
         return None
+    rows = assignments.read_rows(run.assignments, stats, ("clustered", "label"))
     by_class = defaultdict(list)
-    with open(assignments.rows_path(run.assignments, stats["shard_dir"], k), newline="") as f:
-        for i, row in enumerate(csv.DictReader(f)):  # rows are in shard order
-            if row["clustered"] == "1":
-                by_class[row["label"]].append(i)
+    for i in np.flatnonzero(rows["clustered"]):  # rows are in shard order
+        by_class[rows["label"][i]].append(i)
     if not by_class:
         return None
     kernels = np.load(path, mmap_mode="r")

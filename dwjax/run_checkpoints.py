@@ -72,8 +72,10 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int, architecture: dict) -> di
 def _restore(mngr: ocp.CheckpointManager, step: int, meta: dict, targets: dict) -> dict:
     """Restores the named items against their abstract targets and checks each digest."""
     path = _path(mngr, step)
-    abstract = {k: jax.tree.map(ocp.utils.to_shape_dtype_struct, v) for k, v in targets.items()}
-    args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in abstract.items()})
+    # Host arrays as targets: every process restores the full (replicated) values itself, with no
+    # sharding to agree on; callers put them on devices.
+    host = {k: jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), v) for k, v in targets.items()}
+    args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in host.items()})
     try:
         restored = mngr.restore(step, args=args)
     except Exception as e:

@@ -19,7 +19,7 @@ QUIET = dict(log=lambda *_: None)
 def _rows(workdir):
     import pandas as pd
 
-    return pd.concat(map(pd.read_csv, sorted(glob.glob(os.path.join(workdir, "assignments", "*.csv")))))
+    return pd.read_parquet(os.path.join(workdir, "assignments"))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
         os.link(os.path.join(workdir, f), os.path.join(fresh, f))
     os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(fresh, "checkpoints"))
     full = assign.assign(fresh, d, **QUIET)
-    expected = {p: open(p).read() for p in glob.glob(os.path.join(fresh, "assignments", "*.csv"))}
+    expected = {p: open(p, "rb").read()
+                for p in glob.glob(os.path.join(fresh, "assignments", "*.parquet"))}
 
     calls = []
     real = assign.nearest.nearest_codes
@@ -115,13 +116,14 @@ def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
             assign.assign(fresh, d, **QUIET)
     finally:
         assign.nearest.nearest_codes = real
-    assert len(glob.glob(os.path.join(fresh, "assignments", "*.csv"))) == 1
+    assert len(glob.glob(os.path.join(fresh, "assignments", "*.parquet"))) == 1
     logs = []
     again = assign.assign(fresh, d, log=logs.append)
     assert sum("skipped" in l for l in logs) == 1
-    assert {p: open(p).read() for p in glob.glob(os.path.join(fresh, "assignments", "*.csv"))} == expected
+    assert {p: open(p, "rb").read()
+            for p in glob.glob(os.path.join(fresh, "assignments", "*.parquet"))} == expected
     assert again == full
-    assert not glob.glob(os.path.join(fresh, "assignments", "*.tmp"))
+    assert not glob.glob(os.path.join(fresh, "assignments", ".tmp-*"))
 
 
 def test_inconsistent_workdirs_get_one_line_errors(dog_run, tmp_path):
@@ -182,7 +184,7 @@ def test_report_tables_match_the_assignments(dog_run):
     rows = _rows(workdir)
     for _, layer in by_layer.iterrows():
         sel = rows[(rows["layer"] == layer["layer"]) & (rows["clustered"] == 1)]
-        want = sel["label"].value_counts(normalize=True)
+        want = sel["label"].astype(str).value_counts(normalize=True)
         for c, v in want.items():
             assert abs(layer[c] - v) < 1e-4
     assert all(os.path.getsize(f) > 10_000 for f in out["figures"])

@@ -1,0 +1,207 @@
+"""Large-scale assignment jobs: Parquet rows equal the arrays they came from, CSV still works,
+parts, independent workers, a two-process JAX job, and a worker killed mid-part."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dwjax import assign, assignments, shards, templates, train
+from dwjax.configs import train as train_configs
+from tests.helpers import make_data_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A briefly trained 5×5 run and a data dir of three sources (900 kernels, 2 dead)."""
+    tmp = tmp_path_factory.mktemp("jobs")
+    rng = np.random.default_rng(3)
+    kernels = templates.sample_dog_init(900, 5, rng) + 0.05 * rng.normal(size=(900, 5, 5))
+    kernels[[10, 20]] = 0.0  # dead
+    layers = np.repeat(np.arange(3), 100)
+    d = make_data_dir(tmp, {f"src{i}": kernels[i * 300:(i + 1) * 300].astype(np.float32)
+                            for i in range(3)}, layers={f"src{i}": layers for i in range(3)})
+    c = train_configs.get_config("5")
+    c.num_epochs, c.batch_size, c.eval_batch_size = 3, 64, 512
+    train.train_and_evaluate(c, str(tmp / "run"), d, **QUIET)
+    return str(tmp / "run"), d, kernels
+
+
+def _fresh(run: str, tmp) -> str:
+    """A run directory sharing `run`'s trained model, with no assignments yet."""
+    fresh = str(tmp)
+    os.makedirs(fresh, exist_ok=True)
+    for f in ("config.json",):
+        os.link(os.path.join(run, f), os.path.join(fresh, f))
+    os.symlink(os.path.join(run, "checkpoints"), os.path.join(fresh, "checkpoints"))
+    return fresh
+
+
+def _sorted(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows.astype({"source": str, "label": str, "layer_name": str})
+    return rows.sort_values(["source", "layer", "channel"]).reset_index(drop=True)
+
+
+def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
+    run, d, kernels = small_run
+    w = _fresh(run, tmp_path / "pq")
+    summary = assign.assign(w, d, **QUIET)
+    assert summary["complete"] and summary["kernels"] == 900
+    rows = pd.read_parquet(os.path.join(w, "assignments"))
+    assert list(rows.columns) == list(assignments.COLUMNS) and len(rows) == 900
+    assert rows["label"].dtype.name == "category"  # dictionary-encoded
+    # the arrays they were written from: classifier outputs and raw statistics
+    clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(w), 10_000, 0.2, 1 << 15)
+    code, dis, clustered, label = clf(kernels.astype(np.float32))
+    got = _sorted(rows)  # shard order: src0, src1, src2; layer; channel
+    np.testing.assert_array_equal(got["code"].to_numpy(), code)
+    np.testing.assert_array_equal(got["dissimilarity"].to_numpy(), dis.astype(np.float32))
+    np.testing.assert_array_equal(got["clustered"].to_numpy(), clustered)
+    np.testing.assert_array_equal(got["label"].to_numpy(),
+                                  np.asarray(clf.label_names)[label])
+    k64 = kernels.astype(np.float32).astype(np.float64).reshape(900, -1)
+    np.testing.assert_allclose(got["total_activation"], k64.sum(1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["norm"], np.linalg.norm(k64, axis=1), rtol=1e-6)
+    dead = got[got["label"] == assignments.DEAD]
+    assert len(dead) == 2 and dead["code"].isna().all() and dead["dissimilarity"].isna().all()
+    assert not dead["clustered"].any()
+    # --format=csv: today's CSV, the same values
+    c = _fresh(run, tmp_path / "csv")
+    assign.assign(c, d, fmt="csv", **QUIET)
+    csv_rows = pd.concat(pd.read_csv(os.path.join(c, "assignments", f))
+                         for f in sorted(os.listdir(os.path.join(c, "assignments")))
+                         if f.endswith(".csv"))
+    a, b = _sorted(rows), _sorted(csv_rows)
+    assert len(b) == 900
+    assert (a["clustered"] == (b["clustered"] == 1)).all()  # CSV keeps today's 0/1
+    for col in ("layer", "channel", "label", "layer_name", "source"):
+        assert (a[col].astype(str) == b[col].astype(str)).all(), col
+    for col in ("code", "dissimilarity", "total_activation", "norm"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-5, atol=1e-7)
+
+
+def test_parts_cover_each_shard_once_and_a_new_part_size_replaces_them(small_run, tmp_path):
+    run, d, _ = small_run
+    w = _fresh(run, tmp_path / "w")
+    whole = _sorted(pd.read_parquet(os.path.join(
+        assign.assign(_fresh(run, tmp_path / "ref"), d, **QUIET) and str(tmp_path / "ref"),
+        "assignments")))
+    assign.assign(w, d, part_size=128, **QUIET)
+    files = sorted(f for f in os.listdir(os.path.join(w, "assignments")) if f.endswith(".parquet"))
+    assert len(files) == 9 and "src0.k5x5.r256-300.parquet" in files
+    pd.testing.assert_frame_equal(_sorted(pd.read_parquet(os.path.join(w, "assignments"))), whole)
+    summary = assign.assign(w, d, part_size=1000, **QUIET)  # one part per shard now
+    files = sorted(f for f in os.listdir(os.path.join(w, "assignments")) if f.endswith(".parquet"))
+    assert files == ["src0.k5x5.parquet", "src1.k5x5.parquet", "src2.k5x5.parquet"]
+    assert summary["kernels"] == 900
+    pd.testing.assert_frame_equal(_sorted(pd.read_parquet(os.path.join(w, "assignments"))), whole)
+
+
+def _assign_cmd(w, d, *extra):
+    return [sys.executable, "-m", "dwjax.assign", f"--workdir={w}", f"--data_dir={d}",
+            "--part_size=128", *extra]
+
+
+def test_two_workers_at_once_equal_one_process(small_run, tmp_path):
+    run, d, _ = small_run
+    ref = _fresh(run, tmp_path / "ref")
+    assign.assign(ref, d, part_size=128, **QUIET)
+    w = _fresh(run, tmp_path / "w")
+    procs = [subprocess.Popen(_assign_cmd(w, d, "--num_workers=2", f"--worker_index={i}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    rows = _sorted(pd.read_parquet(os.path.join(w, "assignments")))
+    assert len(rows) == 900 and not rows.duplicated(["source", "layer", "channel"]).any()
+    pd.testing.assert_frame_equal(rows, _sorted(pd.read_parquet(os.path.join(ref, "assignments"))))
+    # the same command without worker flags: every part done, the summary written
+    p = subprocess.run(_assign_cmd(w, d), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "900 kernels clustered" in p.stdout or "of 900 kernels clustered" in p.stdout
+    assert os.path.exists(assignments.summary_path(os.path.join(w, "assignments")))
+
+
+_KILL_AFTER_FIRST_BLOCK = r"""
+import os, signal, sys
+from dwjax import assign, assignments
+real = assignments.PartWriter.write
+def write(self, *a, **k):
+    real(self, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)  # dies with the part's row file half written
+assignments.PartWriter.write = write
+assign.assign(sys.argv[1], sys.argv[2], chunk_size=16, part_size=1000, log=print)
+"""
+
+
+def test_a_worker_killed_mid_part_reruns_to_single_rows(small_run, tmp_path):
+    run, d, _ = small_run
+    w = _fresh(run, tmp_path / "w")
+    p = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_BLOCK, w, d], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    out = os.path.join(w, "assignments")
+    assert [f for f in os.listdir(out) if f.startswith(".tmp-")]  # the torn part, hidden
+    assert not [f for f in os.listdir(out) if f.endswith(".parquet") and f[0] != "."]
+    summary = assign.assign(w, d, chunk_size=16, part_size=1000, **QUIET)
+    assert summary["kernels"] == 900 and not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    rows = pd.read_parquet(out)
+    assert len(rows) == 900 and not rows.duplicated(["source", "layer", "channel"]).any()
+
+
+def test_two_process_distributed_job_equals_one_process(small_run, tmp_path):
+    run, d, _ = small_run
+    ref = _fresh(run, tmp_path / "ref")
+    assign.assign(ref, d, part_size=128, **QUIET)
+    w = _fresh(run, tmp_path / "w")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]  # files: a full pipe blocks
+    procs = [subprocess.Popen(_assign_cmd(w, d, f"--coordinator_address=localhost:{port}",
+                                          "--num_processes=2", f"--process_id={i}"),
+                              stdout=logs[i], stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+             for i in range(2)]
+    for p in procs:
+        p.wait(timeout=300)
+    texts = [open(tmp_path / f"proc{i}.log").read() for i in range(2)]
+    assert all(p.returncode == 0 for p in procs), texts
+    assert "kernels clustered" in texts[0] and "worker 1" in texts[1]
+    rows = _sorted(pd.read_parquet(os.path.join(w, "assignments")))
+    pd.testing.assert_frame_equal(rows, _sorted(pd.read_parquet(os.path.join(ref, "assignments"))))
+    # each process wrote its own parts: 9 parts dealt round-robin
+    assert sum(" rows [" in line for line in texts[0].splitlines()) == 5
+    assert sum(" rows [" in line for line in texts[1].splitlines()) == 4
+
+
+@pytest.mark.parametrize("args,word", [
+    (["--threshold=nan"], "--threshold"), (["--threshold=2.5"], "--threshold"),
+    (["--num_codes=1"], "--num_codes"), (["--chunk_size=0"], "--chunk_size"),
+    (["--num_workers=2", "--worker_index=2"], "--worker_index"),
+    (["--num_workers=2", "--overwrite"], "--overwrite"), (["--part_size=0"], "--part_size")])
+def test_bad_job_flags_are_refused_before_anything_is_written(small_run, tmp_path, args, word):
+    run, d, _ = small_run
+    w = _fresh(run, tmp_path / "w")
+    p = subprocess.run([sys.executable, "-m", "dwjax.assign", f"--workdir={w}", f"--data_dir={d}",
+                        *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"assign: {word}")
+    assert not os.path.exists(os.path.join(w, "assignments"))
+
+
+def test_progress_line_reports_rate_and_eta():
+    lines = []
+    progress = assign._Progress(1000, lines.append, every=0.0)
+    shard = shards.Shard("src", "src", np.zeros((1000, 5, 5)), None, {}, "x")
+    progress.update(assignments.Part(shard, 0, 1000), 250, 250)
+    (line,) = lines
+    assert "250/1,000" in line and "job 250/1,000 (25%)" in line and "kernels/s" in line
+    assert "ETA" in line
