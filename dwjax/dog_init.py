@@ -1,18 +1,18 @@
 """DoG initialisation of depthwise convolutions (paper appendix F), for torch and Flax NNX models.
 
-The paper trained ConvMixer-768/32 from DoG-family kernels instead of Kaiming noise (45 % On-Centre,
-10 % Off-Centre, 15 % cross, 20 % first derivative, the rest second derivatives) and got +2.7 points of
-accuracy and 96 % clustered kernels instead of 57 %.
+The paper trained ConvMixer-768/32 from DoG-family kernels instead of Kaiming noise (45 %
+On-Centre, 10 % Off-Centre, 15 % cross, 20 % first derivative, the rest second derivatives) and got
++2.7 points of accuracy and 96 % clustered kernels instead of 57 %.
 
 * torch: `dog_init_(model)` overwrites every square odd depthwise `nn.Conv2d` kernel in place.
 * Flax: `dog_kernel_init()` is a `kernel_init` for a depthwise `nnx.Conv` (HWIO `[k, k, 1, C]`),
   and `dog_init_nnx_(model)` overwrites every square odd depthwise `nnx.Conv` kernel in place.
 
-All three go through `energy_matched_dog`: the kernels are drawn by `templates.sample_dog_init` (the one
-template bank) and rescaled so every kernel's L2 norm equals the mean per-kernel L2 norm of the
-initialiser they replace (its "energy"), so activations keep the scale the network was designed for.
-The in-place forms draw layer after layer from one seeded numpy generator in module order, so a
-torch model and its Flax port with the same depthwise layers get the same kernels from the same seed.
+All three go through `energy_matched_dog`: the kernels are drawn by `templates.sample_dog_init`
+(the one template bank) and rescaled so every kernel's L2 norm equals the mean per-kernel L2 norm of
+the initialiser they replace (its "energy"), so activations keep the scale the network was designed
+for. The in-place forms draw layer after layer from one seeded numpy generator in module order, so a
+torch model and its Flax port with the same depthwise layers get the same kernels from one seed.
 """
 from __future__ import annotations
 
@@ -47,11 +47,13 @@ def energy_matched_dog(base: np.ndarray, rng, mix: Mapping[str, float] = templat
 # ------------------------------------------------------------------------------------------ torch
 
 
-def dog_init_(model: Any, seed: int = 0, mix: Mapping[str, float] = templates.PAPER_INIT_MIX) -> dict:
-    """Overwrites, in place, every square depthwise kernel of a torch `model` with DoG-family kernels.
+def dog_init_(model: Any, seed: int = 0,
+              mix: Mapping[str, float] = templates.PAPER_INIT_MIX) -> dict:
+    """Overwrites, in place, every square depthwise kernel ``[C, 1, k, k]`` of a torch `model`
+    with DoG-family kernels.
 
-    Returns `{layer name: number of kernels}`. Non-square, even-sized or 1×1 depthwise weights are left
-    alone (the templates are centred on a pixel).
+    Returns `{layer name: number of kernels}`. Non-square, even-sized or 1×1 depthwise weights are
+    left alone (the templates are centred on a pixel).
     """
     import torch
 
@@ -62,7 +64,8 @@ def dog_init_(model: Any, seed: int = 0, mix: Mapping[str, float] = templates.PA
             if not isinstance(mod, torch.nn.Conv2d) or not (mod.groups == mod.in_channels > 1):
                 continue
             w = mod.weight  # [C, 1, k, k]
-            if not _is_depthwise_shape(tuple(w.shape)) or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
+            if (not _is_depthwise_shape(tuple(w.shape)) or w.shape[2] != w.shape[3]
+                    or w.shape[2] % 2 == 0):
                 continue
             base = w.detach().cpu().double().numpy()[:, 0]  # keep the initialiser's energy
             w.copy_(torch.from_numpy(energy_matched_dog(base, rng, mix)).to(w)[:, None])
@@ -99,8 +102,9 @@ def dog_kernel_init(mix: Mapping[str, float] = templates.PAPER_INIT_MIX,
     For a depthwise ``nnx.Conv(C, C, (k, k), feature_group_count=C, kernel_init=dog_kernel_init())``
     (a depth multiplier m, out_features = m·C, gives ``[k, k, 1, m·C]``: m·C kernels, equally fine).
     The key is split in two: one half draws ``base_init`` (default Kaiming normal, the paper's
-    baseline) once, at this shape, to fix the energy, the other seeds `templates.sample_dog_init` (numpy, through
-    `jax.pure_callback`, so the initializer also works under `jax.jit` and `nnx.eval_shape`).
+    baseline) once, at this shape, to fix the energy; the other seeds `templates.sample_dog_init`
+    (numpy, through `jax.pure_callback`, so the initializer also works under `jax.jit` and
+    `nnx.eval_shape`).
     Same key ⇒ same kernels; the torch rule `dog_init_` uses the same `energy_matched_dog`.
 
     Args:

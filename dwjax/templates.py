@@ -199,7 +199,8 @@ def cross(k: int, sigma: float) -> np.ndarray:
 
 # The continuous functions behind the kernels above, for drawing them finer than the pixel grid.
 FAMILIES: tuple[str, ...] = ("dog", "dog_dx", "dog_dy", "dog_dxx", "dog_dyy", "dog_dxy", "cross")
-_ORDERS = {"dog": "", "dog_dx": "x", "dog_dy": "y", "dog_dxx": "xx", "dog_dyy": "yy", "dog_dxy": "xy"}
+_ORDERS = {"dog": "", "dog_dx": "x", "dog_dy": "y", "dog_dxx": "xx", "dog_dyy": "yy",
+           "dog_dxy": "xy"}
 
 
 def pixel_grid(k: int) -> tuple[np.ndarray, np.ndarray]:

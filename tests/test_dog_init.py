@@ -1,4 +1,4 @@
-"""DoG initialisation (paper appendix F), torch and Flax forms, drawn from the shared template bank."""
+"""DoG initialisation (paper appendix F), torch and Flax forms, drawn from the template bank."""
 import collections
 import os
 
@@ -30,7 +30,7 @@ def _mix_of(kernels: np.ndarray, k: int) -> tuple[dict, float]:
 
 
 def _hwio_to_ckk(w) -> np.ndarray:
-    """Flax depthwise HWIO `[k, k, 1, C]` → `[C, k, k]` (row = H, col = W, as torch's `[C, 1, k, k]`)."""
+    """Flax depthwise HWIO `[k, k, 1, C]` → `[C, k, k]` (row = H, col = W, as torch `[C,1,k,k]`)."""
     return np.transpose(np.asarray(w, np.float64)[:, :, 0], (2, 0, 1))
 
 
@@ -52,7 +52,8 @@ def test_dog_init_replaces_depthwise_kernels_with_the_paper_mix():
     stem_before = model.conv_stem.weight.detach().clone()
     done = dog_init_(model, seed=0)
     after = extract.layers_from_module(model)
-    assert len(done) == len(before) == 16 and sum(done.values()) == sum(len(l.kernels) for l in before)
+    assert len(done) == len(before) == 16
+    assert sum(done.values()) == sum(len(l.kernels) for l in before)
     assert torch.equal(model.conv_stem.weight, stem_before)  # regular convolutions untouched
     for b, a in zip(before, after):
         # same per-kernel energy as the Kaiming init it replaced
@@ -166,11 +167,13 @@ def test_torch_and_flax_forms_agree():
 
     flax_model = _flax_model(0, channels=64)
     torch_model = torch.nn.Sequential(collections.OrderedDict(
-        (n, torch.nn.Conv2d(64, 64, k, padding=k // 2, groups=64)) for n, k in [("dw5", 5), ("dw7", 7)]))
+        (n, torch.nn.Conv2d(64, 64, k, padding=k // 2, groups=64))
+        for n, k in [("dw5", 5), ("dw7", 7)]))
     with torch.no_grad():  # start from the Flax model's own kernels: [k, k, 1, C] → [C, 1, k, k]
         for name in ("dw5", "dw7"):
             hwio = np.asarray(getattr(flax_model, name).kernel[...])
-            getattr(torch_model, name).weight.copy_(torch.from_numpy(hwio.transpose(3, 2, 0, 1).copy()))
+            oihw = torch.from_numpy(hwio.transpose(3, 2, 0, 1).copy())
+            getattr(torch_model, name).weight.copy_(oihw)
     assert dog_init_(torch_model, seed=5) == dog_init_nnx_(flax_model, rng_seed=5) == \
         {"dw5": 64, "dw7": 64}
     for name in ("dw5", "dw7"):
@@ -182,8 +185,9 @@ def test_torch_and_flax_forms_agree():
 # ------------------------------------------------------------------- clustered by the autoencoder
 
 # Training data for the clustering test: DoG-family kernels with each of the 14 subtypes (On, Off,
-# Cross ±, ∂x ±, ∂y ±, ∂xx/∂yy/∂xy ±) equally often. With the paper's init mix instead (45 % On-Centre)
-# the 1-D code learns On/Off/Cross and skips the rarer derivatives (measured: ~68 % clustered).
+# Cross ±, ∂x ±, ∂y ±, ∂xx/∂yy/∂xy ±) equally often. With the paper's init mix instead (45 %
+# On-Centre) the 1-D code learns On/Off/Cross and skips the rarer derivatives (measured: ~68 %
+# clustered).
 BALANCED_MIX = {"on_centre": 1 / 14, "off_centre": 1 / 14, "cross": 2 / 14,
                 "first_derivative": 4 / 14, "second_derivative": 6 / 14}
 
