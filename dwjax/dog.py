@@ -70,7 +70,9 @@ def draw_dog_family(out_dir: str, kernel_size: int = 7, formats: Sequence[str] =
     """
     import numpy as np
 
-    formats = [f.strip().lower() for f in formats]
+    if isinstance(formats, str):  # "png,pdf" from a notebook, as the flag takes it
+        formats = formats.split(",")
+    formats = list(dict.fromkeys(f.strip().lower() for f in formats))  # ordered, no repeats
     cross_sigmas = [float(s) for s in cross_sigmas]
     sigma_c, sigma_s = _check(kernel_size, formats, sigma_c, sigma_s, cross_sigmas)
     try:

@@ -85,6 +85,13 @@ def test_evaluate_matches_the_kernel_functions_on_the_pixel_grid(k):
             templates.evaluate(x=x, y=y, **bad)
 
 
+def test_core_formats_accept_a_comma_string_and_case(tmp_path):
+    written = dog.draw_dog_family(str(tmp_path), kernel_size=3, formats="SVG,svg",
+                                  cross_sigmas=[0.5], log=lambda *_: None)
+    assert sorted(os.path.basename(p) for p in written) == sorted(
+        [f"{s}.svg" for s in STEMS] + ["dog_family.npz"])
+
+
 def test_command_writes_the_figures(tmp_path):
     out = str(tmp_path / "dog")
     p = _run(f"--out_dir={out}", f"--kernel_size={K}")
