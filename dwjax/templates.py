@@ -182,6 +182,10 @@ def dog_dxy(k: int, sigma_c: float, sigma_s: float | None = None) -> np.ndarray:
 
 def _cross64(k: int, sigma) -> np.ndarray:
     x, y = _grid(k)
+    return _cross_xy(x, y, sigma)
+
+
+def _cross_xy(x, y, sigma) -> np.ndarray:
     s2 = 2.0 * np.square(sigma)
     return np.exp(-x * x / s2) + np.exp(-y * y / s2)
 
@@ -191,6 +195,39 @@ def cross(k: int, sigma: float) -> np.ndarray:
     if not sigma > 0:
         raise ValueError(f"need sigma > 0, got {sigma}")
     return _cross64(k, sigma).astype(np.float32)
+
+
+# The continuous functions behind the kernels above, for drawing them finer than the pixel grid.
+FAMILIES: tuple[str, ...] = ("dog", "dog_dx", "dog_dy", "dog_dxx", "dog_dyy", "dog_dxy", "cross")
+_ORDERS = {"dog": "", "dog_dx": "x", "dog_dy": "y", "dog_dxx": "xx", "dog_dyy": "yy",
+           "dog_dxy": "xy"}
+
+
+def pixel_grid(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centred float64 pixel coordinates ``(x, y)``, each ``[k, k]`` (the kernels' own grid)."""
+    return _grid(k)
+
+
+def evaluate(family: str, x, y, sigma_c: float | None = None, sigma_s: float | None = None,
+             sigma: float | None = None) -> np.ndarray:
+    """float64 value of a family's continuous function at pixel offsets ``x``, ``y`` (any shape).
+
+    ``family`` is one of `FAMILIES`; the DoG families take ``sigma_c`` (and ``sigma_s``, default
+    1.6·σ_c), "cross" takes ``sigma``. On `pixel_grid(k)` it equals the k×k kernel functions
+    (`dog`, `dog_dx`, …, `cross`) before their float32 cast.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if family == "cross":
+        if sigma is None or not sigma > 0:
+            raise ValueError(f"cross needs sigma > 0, got {sigma}")
+        return _cross_xy(x, y, sigma)
+    if family not in _ORDERS:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if sigma_c is None:
+        raise ValueError(f"{family} needs sigma_c")
+    sigma_s = _check_sigmas(sigma_c, sigma_s)
+    order = _ORDERS[family]
+    return _gaussian_derivative(x, y, sigma_c, order) - _gaussian_derivative(x, y, sigma_s, order)
 
 
 def square(k: int, size: int, corner: str = "upper-left") -> np.ndarray:
