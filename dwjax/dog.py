@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import numbers
 import os
-import sys
 from typing import Callable, Sequence
 
 from absl import app, flags
 
-from dwjax import dog_figures, paths, templates
+from dwjax import cli, dog_figures, paths, templates
+from dwjax.errors import ConfigError
 
 DEFAULT_CROSS_SIGMAS = (0.4, 0.5, 0.6, 0.7, 0.8)  # Fig. 15's range
 
 
-class DogError(ValueError):
+class DogError(ConfigError):
     """A bad argument to the dog stage: one line for the user."""
 
 
@@ -129,18 +129,17 @@ def define_flags() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"dog: unexpected arguments {' '.join(argv[1:])}")
+    cli.setup(uses_jax=False)
     out_dir = FLAGS.out_dir or os.path.join(paths.home(), "dog")
-    try:
+    with cli.user_errors("dog"):
+        if len(argv) > 1:
+            raise DogError(f"unexpected arguments {' '.join(argv[1:])}")
         try:
             cross_sigmas = [float(s) for s in FLAGS.cross_sigmas]
         except ValueError:
             raise DogError(f"--cross_sigmas {','.join(FLAGS.cross_sigmas)}: not numbers")
         draw_dog_family(out_dir, FLAGS.kernel_size, FLAGS.formats, FLAGS.sigma_c, FLAGS.sigma_s,
                         cross_sigmas)
-    except DogError as e:
-        sys.exit(f"dog: {e}")
 
 
 if __name__ == "__main__":

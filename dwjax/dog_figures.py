@@ -12,7 +12,6 @@ pixels are drawn with nearest-neighbour interpolation (no blur). Matplotlib with
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Sequence
 
 import matplotlib
@@ -22,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colors  # noqa: E402
 
-from dwjax import templates  # noqa: E402
+from dwjax import atomic, templates  # noqa: E402
 
 CMAP = "RdBu_r"
 FORMATS = ("png", "pdf", "svg")
@@ -202,15 +201,15 @@ def plot_surfaces(panels: Sequence[Panel], stem: str, formats: Sequence[str], ti
 def save(fig, stem: str, formats: Sequence[str]) -> list[str]:
     """Writes ``<stem>.<fmt>`` for each format (each via a temporary file, then renamed, so a killed
     run never leaves half a figure); closes ``fig``. Returns the paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     written = []
-    for fmt in formats:
-        path = f"{stem}.{fmt}"
-        tmp = f"{path}.tmp"
-        # No creation date in PDFs: a re-run writes the same bytes.
-        meta = {"CreationDate": None} if fmt == "pdf" else {}
-        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta)
-        os.replace(tmp, path)
-        written.append(path)
-    plt.close(fig)
+    try:
+        for fmt in formats:
+            path = f"{stem}.{fmt}"
+            # No creation date in PDFs: a re-run writes the same bytes.
+            meta = {"CreationDate": None} if fmt == "pdf" else {}
+            with atomic.atomic_path(path) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta)
+            written.append(path)
+    finally:
+        plt.close(fig)
     return written

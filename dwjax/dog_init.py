@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dwjax import templates
-from dwjax.extract import _is_depthwise_shape
+from dwjax.extract import is_depthwise_shape
 
 Initializer = Callable[..., Any]  # (key, shape, dtype) -> array, as jax.nn.initializers
 
@@ -64,7 +64,7 @@ def dog_init_(model: Any, seed: int = 0,
             if not isinstance(mod, torch.nn.Conv2d) or not (mod.groups == mod.in_channels > 1):
                 continue
             w = mod.weight  # [C, 1, k, k]
-            if (not _is_depthwise_shape(tuple(w.shape)) or w.shape[2] != w.shape[3]
+            if (not is_depthwise_shape(tuple(w.shape)) or w.shape[2] != w.shape[3]
                     or w.shape[2] % 2 == 0):
                 continue
             base = w.detach().cpu().double().numpy()[:, 0]  # keep the initialiser's energy

@@ -35,7 +35,7 @@ class DepthwiseLayer:
         return f"{kh}x{kw}"
 
 
-def _is_depthwise_shape(shape: tuple[int, ...]) -> bool:
+def is_depthwise_shape(shape: tuple[int, ...]) -> bool:
     # [C, 1, kh, kw] with C > 1 and a spatial extent: 1×1 "depthwise" weights (RepViT's identity-like
     # branches, layer scales stored as convs) carry no spatial pattern.
     return len(shape) == 4 and shape[0] > 1 and shape[1] == 1 and shape[2] * shape[3] > 1
@@ -49,7 +49,7 @@ def layers_from_state(tensors: Mapping[str, LazyTensor]) -> list[DepthwiseLayer]
     """
     layers = []
     for name, t in tensors.items():
-        if not name.endswith("weight") or not _is_depthwise_shape(tuple(t.shape)):
+        if not name.endswith("weight") or not is_depthwise_shape(tuple(t.shape)):
             continue
         if np.dtype(t.dtype if t.dtype != "bfloat16" else np.float32).kind != "f":
             continue
@@ -71,7 +71,7 @@ def layers_from_module(model: Any) -> list[DepthwiseLayer]:
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Conv2d):
             continue
-        if not (mod.groups == mod.in_channels > 1) or not _is_depthwise_shape(tuple(mod.weight.shape)):
+        if not (mod.groups == mod.in_channels > 1) or not is_depthwise_shape(tuple(mod.weight.shape)):
             continue
         w = mod.weight.detach().to(torch.float32).cpu().numpy()
         stride = mod.stride[0] if mod.stride[0] == mod.stride[1] else -1

@@ -196,7 +196,7 @@ def _train_and_assign(tmp_path, train_kernels: np.ndarray, queries: dict) -> dic
     """Trains the project's 5×5 autoencoder on `train_kernels` `[N, 5, 5]` and returns each query's
     `[n]` dissimilarity to its nearest decoded code. The only use of train/nearest in this file."""
     import jax.numpy as jnp
-    from configs import train as train_configs
+    from dwjax.configs import train as train_configs
     from dwjax import nearest, train
     from tests.helpers import make_data_dir
 
