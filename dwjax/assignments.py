@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dwjax import atomic, shards
+from dwjax import atomic, locks, shards
 from dwjax.errors import UserError
 
 COLUMNS = ("source", "layer", "layer_name", "channel", "kernel_size", "code", "dissimilarity",
@@ -235,11 +235,19 @@ def _fmt(x: float) -> str:
 
 # ----------------------------------------------------------------------------- settings, summary
 def check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
-    """Refuses to mix rows made with other settings unless `overwrite` (which clears them)."""
+    """Refuses to mix rows made with other settings unless `overwrite` (which clears them).
+
+    Check and write happen under one lock, so two jobs started together agree on what is there.
+    """
+    with locks.exclusive(os.path.join(os.path.dirname(out_dir), ".assign.lock"),
+                         "an assignment settings check"):
+        _check_settings(out_dir, settings, overwrite)
+
+
+def _check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
     path = settings_path(out_dir)
     if os.path.exists(path) and not overwrite:
-        with open(path) as f:
-            old = json.load(f)
+        old = _read_json(path)
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise AssignmentsError(f"{out_dir}: existing assignments were made with other "

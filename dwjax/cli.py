@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import signal
 import sys
 from typing import Callable, Iterator
 
@@ -55,6 +56,8 @@ def setup(uses_jax: bool = True) -> None:
     """
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)
+    # A write past the file-size limit then raises OSError(EFBIG), one line, instead of a kill.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if not uses_jax:
         return
     import jax

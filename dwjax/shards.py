@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from dwjax import __version__, atomic
+from dwjax import __version__, atomic, locks
 from dwjax.errors import UserError
 from dwjax.extract import DepthwiseLayer
 
@@ -148,23 +148,35 @@ def _is_square(key: str) -> bool:
 
 
 def rebuild_manifest(data_dir: str, version: str) -> dict:
-    """Rewrites manifest.json from every complete `<slug>/source.json` (sorted by id)."""
-    sources = []
-    for name in sorted(os.listdir(data_dir)):
-        p = os.path.join(data_dir, name, "source.json")
-        if not name.startswith(".") and os.path.isfile(p):
-            with open(p) as f:
-                entry = json.load(f)
+    """Rewrites manifest.json from every complete `<slug>/source.json` (sorted by id).
+
+    Under the data directory's lock: two conversions into one directory each rebuild after their
+    own source is in place, so the later rebuild lists both. An unreadable source.json is left
+    out (converting that source again repairs it), never a reason to fail.
+    """
+    with locks.exclusive(os.path.join(data_dir, ".lock"), "a manifest rebuild"):
+        sources = []
+        for name in sorted(os.listdir(data_dir)):
+            p = os.path.join(data_dir, name, "source.json")
+            if name.startswith(".") or not os.path.isfile(p):
+                continue
+            try:
+                with open(p) as f:
+                    entry = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if not isinstance(entry, dict) or not {"id", "counts"} <= entry.keys():
+                continue
             entry.pop("layers", None)
             sources.append(entry)
-    sources.sort(key=lambda e: e["id"])
-    totals: dict[str, int] = {}
-    for e in sources:
-        for k, n in e["counts"].items():
-            totals[k] = totals.get(k, 0) + n
-    manifest = {"format": FORMAT, "dwjax_version": version, "totals": dict(sorted(totals.items())),
-                "sources": sources}
-    atomic.write_json(os.path.join(data_dir, "manifest.json"), manifest, sort_keys=True)
+        sources.sort(key=lambda e: e["id"])
+        totals: dict[str, int] = {}
+        for e in sources:
+            for k, n in e["counts"].items():
+                totals[k] = totals.get(k, 0) + n
+        manifest = {"format": FORMAT, "dwjax_version": version,
+                    "totals": dict(sorted(totals.items())), "sources": sources}
+        atomic.write_json(os.path.join(data_dir, "manifest.json"), manifest, sort_keys=True)
     return manifest
 
 

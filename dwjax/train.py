@@ -6,7 +6,9 @@ Resumes from the run directory's latest checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import sys
 import time
 from typing import Callable
@@ -18,8 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dwjax import cli, data, mesh as mesh_lib, metrics, model as model_lib, paths
-from dwjax import run_checkpoints, training, workdir as workdir_lib
-from dwjax.errors import ConfigError
+from dwjax import locks, run_checkpoints, training, workdir as workdir_lib
+from dwjax.errors import ConfigError, UserError
 
 
 @dataclasses.dataclass
@@ -40,13 +42,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
     `stop_after_epochs` ends the run early without a final save (tests use it to simulate a kill).
     """
+    # Everything a user can get wrong is checked before the run directory is touched.
     training.validate_config(config)
     run = workdir_lib.RunDir(workdir)
-    arch = model_lib.architecture(config)
-    workdir_lib.check_architecture(run, arch)
+    workdir_lib.check_architecture(run, model_lib.architecture(config))
     mesh = mesh_lib.data_mesh()
     dataset = data.KernelDataset(data_dir, config.kernel_size)
     training.check_fits(config, mesh.devices.size, len(dataset))
+    workdir_lib.ensure_dir(run)
+    # One training per run directory: a second is refused (a killed one's lock is gone with it).
+    # Every process of a multi-host job shares the directory, so process 0 alone holds it.
+    lock = (locks.exclusive(run.lock, "training", wait=False) if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _train(config, run, dataset, mesh, log, stop_after_epochs)
+
+
+def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
+           dataset: data.KernelDataset, mesh, log: Callable[[str], None],
+           stop_after_epochs: int | None) -> TrainResult:
+    arch = model_lib.architecture(config)
+    workdir_lib.check_architecture(run, arch)  # again: another run may have finished meanwhile
     steps_per_epoch = len(dataset) // config.batch_size
     graphdef, params = model_lib.init_params(config.kernel_size, config.model.hidden,
                                              config.model.negative_slope, config.seed)
@@ -83,6 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
                                                   mesh_lib.shard_steps(mesh, kernels))
                 losses.append(loss)
             losses = np.concatenate(jax.device_get(losses)).astype(np.float64)
+            _check_finite(losses, epoch * steps_per_epoch, config)  # before any checkpoint
             rate = steps_per_epoch * config.batch_size / (time.perf_counter() - t0)
             step = (epoch + 1) * steps_per_epoch
             for i, loss in enumerate(losses):
@@ -103,8 +120,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     eval_loss = training.evaluate(graphdef, params, dataset, config.eval_batch_size, mesh)
     log(f"process {jax.process_index()} read {dataset.rows_read:,} kernel rows from the shards")
     params = jax.device_get(params)
-    return TrainResult(model_lib.merge(graphdef, params), params, workdir, eval_loss,
+    return TrainResult(model_lib.merge(graphdef, params), params, run.path, eval_loss,
                        len(dataset), dataset.num_dropped, dataset.rows_read)
+
+
+def _check_finite(losses: np.ndarray, first_step: int, config: ml_collections.ConfigDict) -> None:
+    """Stops a diverged run before it checkpoints non-finite parameters."""
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if len(bad):
+        raise TrainingDiverged(
+            f"loss became {losses[bad[0]]} at step {first_step + bad[0] + 1}; nothing of this "
+            f"epoch was saved (lower --config.learning_rate, now {config.learning_rate})")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------- command line
@@ -147,7 +177,34 @@ def run() -> None:
         cli.fail("train", str(e), 1)
     define_flags(FLAGS.kernel_size or 5)
     FLAGS.unparse_flags()
+    try:  # parsed here first so a bad --config.<field> is one line, not a traceback
+        FLAGS(sys.argv)
+    except flags.Error as e:
+        cli.fail("train", str(e), 1)
+    except (AttributeError, KeyError):  # ml_collections: an unknown --config.<field>
+        cli.fail("train", _unknown_field(sys.argv, FLAGS.kernel_size or 5), 1)
     app.run(main)
+
+
+def _unknown_field(argv: list[str], kernel_size: int) -> str:
+    """The first `--config.<field>` the config does not have, with the nearest known names."""
+    from dwjax.configs import train as train_configs
+
+    def fields(d, prefix=""):
+        for key, value in d.items():
+            yield prefix + key
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from fields(value, f"{prefix}{key}.")
+
+    known = list(fields(train_configs.get_config(str(kernel_size))))
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            name = arg[len("--config."):].split("=", 1)[0]
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=2)
+                hint = f" (did you mean {' or '.join('--config.' + c for c in close)}?)"
+                return f"--config.{name}: unknown config field{hint if close else ''}"
+    return "--config: unknown config field"
 
 
 if __name__ == "__main__":

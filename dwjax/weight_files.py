@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import pickle
 import re
@@ -140,17 +141,25 @@ class _Storage:
 
 
 class _Stub:
-    """Stands in for any class the checkpoint references that we do not need (optimizer state,
-    argparse namespaces, numpy scalars...). Accepts any construction and state."""
+    """Stands in for any class the checkpoint references (a pickled nn.Module, a TorchScript
+    module, optimizer state, argparse namespaces, numpy scalars...). Accepts any construction,
+    keeps its state (a module's parameters are in it) and never runs code from the file."""
+
+    origin = ""  # "module.Class" of what it stands in for (set on per-class subclasses)
 
     def __init__(self, *args, **kwargs):
-        pass
+        self.state = None
 
     def __setstate__(self, state):
-        pass
+        self.state = state
 
     def __call__(self, *args, **kwargs):
         return _Stub()
+
+
+@functools.lru_cache(maxsize=None)
+def _stub_class(module: str, name: str) -> type:
+    return type(name, (_Stub,), {"origin": f"{module}.{name}"})
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
@@ -178,7 +187,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
-        return _Stub
+        return _stub_class(module, name)
 
     def persistent_load(self, saved_id):
         typename = saved_id[0]
@@ -200,13 +209,39 @@ def _select_weights(obj: Any) -> Any:
     moments have the kernels' shapes too, so take only the weights."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "module", "net"):
-            if isinstance(obj.get(key), dict):
-                return obj[key]
+            value = obj.get(key)
+            if isinstance(value, dict) or (isinstance(value, _Stub) and _module_items(value)):
+                return value
     return obj
 
 
+def _module_items(stub: _Stub) -> dict | None:
+    """A pickled module's `{name: parameter, buffer or submodule}` in state_dict order, or None.
+
+    `torch.save(model)` pickles each nn.Module with its `__dict__` (`_parameters`, `_buffers`,
+    `_modules`); a TorchScript archive pickles each module with its attributes directly.
+    """
+    state = stub.state
+    if isinstance(state, tuple) and state and isinstance(state[0], dict):
+        state = state[0]
+    if not isinstance(state, dict):
+        return None
+    if "_modules" in state and "_parameters" in state:
+        out = {}
+        for key in ("_parameters", "_buffers", "_modules"):
+            if isinstance(state.get(key), dict):
+                out.update(state[key])
+        return out
+    if stub.origin.startswith("__torch__."):
+        return state
+    return None
+
+
 def _to_lazy(path: str, obj: Any, out: dict[str, LazyTensor], prefix: str = "") -> None:
-    """Flattens nested dicts of rebuilt tensors into `{dotted.name: LazyTensor}`."""
+    """Flattens nested dicts (and pickled modules) of rebuilt tensors into
+    `{dotted.name: LazyTensor}`."""
+    if isinstance(obj, _Stub):
+        obj = _module_items(obj)
     if isinstance(obj, dict):
         for k, v in obj.items():
             if isinstance(k, str):

@@ -30,6 +30,11 @@ class RunDir:
     path: str
 
     @property
+    def lock(self) -> str:
+        """Held by a training run for its whole length (dwjax.locks)."""
+        return os.path.join(self.path, ".lock")
+
+    @property
     def config_json(self) -> str:
         return os.path.join(self.path, "config.json")
 
@@ -68,12 +73,26 @@ class RunDir:
         return os.path.join(self.path, "report")
 
 
+def ensure_dir(run: RunDir) -> None:
+    """Creates the run directory; one line when its path is not a writable directory."""
+    try:
+        os.makedirs(run.path, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(f"--workdir {run.path}: not a directory")
+    except OSError as e:
+        raise RunDirError(f"--workdir {run.path}: cannot create it ({e.strerror or e})")
+    if not os.path.isdir(run.path):
+        raise RunDirError(f"--workdir {run.path}: not a directory")
+    if not os.access(run.path, os.W_OK):
+        raise RunDirError(f"--workdir {run.path}: not writable")
+
+
 def _read_saved(run: RunDir) -> dict | None:
     """config.json's content, or None when the file does not exist; one line when it is corrupt."""
     try:
         with open(run.config_json) as f:
             saved = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as e:
         raise RunDirError(f"{run.config_json}: corrupt ({type(e).__name__}: {e})")

@@ -430,7 +430,7 @@ def test_exception_midway_cleans_up_and_rerun_matches(tmp_path, three_sources, m
     with pytest.raises(KeyboardInterrupt):
         convert_mod.convert(data, srcs(), **QUIET)
     # the first source is complete and listed; no temp dir; the manifest agrees with the directory
-    assert sorted(os.listdir(data)) == ["alpha", "manifest.json"]
+    assert sorted(os.listdir(data)) == [".lock", "alpha", "manifest.json"]
     assert [e["dir"] for e in json.load(open(os.path.join(data, "manifest.json")))["sources"]] == ["alpha"]
     monkeypatch.setattr(shards, "write_source", real)
 

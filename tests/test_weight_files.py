@@ -247,3 +247,35 @@ def test_missing_empty_and_directory(tmp_path):
     empty.write_bytes(b"")
     assert "empty or truncated" in _expect_checkpoint_error(str(empty))
     assert "is a directory" in _expect_checkpoint_error(str(tmp_path))
+
+
+def _depthwise_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+        torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.Conv2d(8, 16, 1)),
+        torch.nn.Conv2d(16, 16, 5, groups=16, bias=False))
+
+
+@pytest.mark.parametrize("how", ["pickled_module", "torchscript", "wrapped_module"])
+def test_whole_modules_and_torchscript_read_like_their_state_dict(tmp_path, how):
+    """`torch.save(model)` and TorchScript archives hold the parameters too: read them (no code
+    from the file runs), in state_dict order, bitwise equal."""
+    import warnings
+
+    model = _depthwise_net().eval()
+    path = str(tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if how == "torchscript":
+            torch.jit.save(torch.jit.script(model), path)
+        else:
+            torch.save(model if how == "pickled_module" else {"model": model, "epoch": 3}, path)
+    tensors = open_checkpoint(path)
+    state = model.state_dict()
+    want = [k for k, v in state.items() if v.dtype.is_floating_point]
+    assert [k for k in tensors if k in want] == want
+    for k in want:
+        np.testing.assert_array_equal(tensors[k].load(), state[k].numpy())
+    layers = layers_from_state(tensors)
+    assert [(l.name, l.kernels.shape) for l in layers] == [("2.0", (8, 3, 3)), ("3", (16, 5, 5))]
