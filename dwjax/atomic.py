@@ -8,6 +8,7 @@ share a temp file, and `clean_stale` removes only what a dead process left behin
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -34,10 +35,50 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are for users to open
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        named = _named_os_error(e, path)
+        if named is not None:
+            raise named from e
         raise
+
+
+# Writers that report a full disk or file-size limit without an errno (numpy's tofile, pyarrow)
+# still say so in their message.
+_ERRNO_TEXT = {errno.ENOSPC: ("No space left", "errno 28"),
+               errno.EFBIG: ("File too large", "errno 27"),
+               errno.EDQUOT: ("Disk quota exceeded", "errno 122")}
+
+
+def _named_os_error(e: BaseException, path: str) -> OSError | None:
+    """An OSError that names `path` and carries its errno, when `e` is a write failure that lacks
+    one of them; None when `e` is something else."""
+    if not isinstance(e, OSError) or (e.errno is not None and e.filename is not None):
+        return None
+    code = e.errno
+    if code is None:
+        text = str(e)
+        code = next((c for c, words in _ERRNO_TEXT.items() if any(w in text for w in words)),
+                    None)
+        if code is None and "requested and" in text and "written" in text:  # numpy: short write
+            code = errno.ENOSPC if _full(path) else errno.EFBIG
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), path)
+
+
+def _full(path: str) -> bool:
+    st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def save_npy(path: str, array) -> None:
+    """`np.save`, atomically, with a write failure reported with its errno and path."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import signal
 import sys
+import warnings
 from typing import Callable, Iterator
 
 from absl import flags, logging
@@ -61,6 +62,10 @@ def setup(uses_jax: bool = True) -> None:
     if not uses_jax:
         return
     import jax
+
+    # The cache only saves compile time: failing to write it (a full disk), or an entry torn by
+    # one, costs a compile, not a warning.
+    warnings.filterwarnings("ignore", message="Error (writing|reading) persistent compilation cache")
 
     # A re-run (resume, another stage on the same run) skips compiles; library code leaves jax's
     # configuration alone.

@@ -126,7 +126,7 @@ def _write_files(tmp: str, slug: str, source_id: str, origin: dict, layers: list
         meta["channel"] = np.concatenate(
             [np.arange(len(g.kernels)) if g.channels is None else g.channels for g in group])
         for name, arr in ((f"k{key}.npy", kernels), (f"k{key}.meta.npy", meta)):
-            np.save(os.path.join(tmp, name), arr)
+            atomic.save_npy(os.path.join(tmp, name), arr)
             files[name] = {"sha256": sha256_file(os.path.join(tmp, name)), "shape": list(arr.shape)}
         counts[key] = int(len(kernels))
     entry = {

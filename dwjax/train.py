@@ -175,15 +175,22 @@ def run() -> None:
         FLAGS(sys.argv, known_only=True)
     except flags.Error as e:
         cli.fail("train", str(e), 1)
-    define_flags(FLAGS.kernel_size or 5)
-    FLAGS.unparse_flags()
-    try:  # parsed here first so a bad --config.<field> is one line, not a traceback
-        FLAGS(sys.argv)
-    except flags.Error as e:
-        cli.fail("train", str(e), 1)
-    except (AttributeError, KeyError):  # ml_collections: an unknown --config.<field>
-        cli.fail("train", _unknown_field(sys.argv, FLAGS.kernel_size or 5), 1)
-    app.run(main)
+    kernel_size = FLAGS.kernel_size or 5
+    FLAGS.unparse_flags()  # app.run parses everything once more, the config flag included
+    try:  # config_flags reads the --config.<field> overrides in sys.argv as it is defined
+        define_flags(kernel_size)
+    except (AttributeError, KeyError):
+        cli.fail("train", _unknown_field(sys.argv, kernel_size), 1)
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return FLAGS(argv)
+        except flags.Error as e:
+            cli.fail("train", str(e), 1)
+        except (AttributeError, KeyError):  # ml_collections: an unknown --config.<field>
+            cli.fail("train", _unknown_field(argv, kernel_size), 1)
+
+    app.run(main, flags_parser=parse)
 
 
 def _unknown_field(argv: list[str], kernel_size: int) -> str:
