@@ -172,12 +172,14 @@ def plot_pca(projection: np.ndarray, point_class: np.ndarray, samples: dict[str,
     per = max((len(v) for v in samples.values()), default=0)
     for col, (c, kernels) in enumerate(samples.items()):
         for row, kern in enumerate(kernels):
-            sub = fig.add_axes([0.62 + col * 0.095, 0.82 - row * 0.8 / max(per, 1), 0.085,
-                                0.75 / max(per, 1)])
+            sub = fig.add_axes([0.62 + col * 0.095, 0.78 - row * 0.76 / max(per, 1), 0.085,
+                                0.7 / max(per, 1)])
             figures.draw_kernel(sub, kern)
             if row == 0:
-                sub.set_title(c, fontsize=7, color=class_colour(c))
-    fig.suptitle(title, fontsize=9)
+                sub.set_title(c, fontsize=7)
+    fig.text(0.3, 0.97, title, fontsize=9, ha="center", va="top")
+    fig.text(0.8, 0.97, "random kernels of the 4 largest classes", fontsize=9, ha="center",
+             va="top")
     return figures.save(fig, stem, formats)
 
 

@@ -61,7 +61,10 @@ def write_page(out_dir: str, title: str, settings: dict, entries: Sequence,
             rel = os.path.relpath(t, out_dir)
             parts.append(f"<p><a href='{html.escape(rel)}'>{html.escape(rel)}</a></p>"
                          + _table(t, max_rows))
-    parts.append("</body></html>")
+    # a browser check (tests, launch/check_report_page.sh) reads this attribute after load
+    parts.append("<script>window.addEventListener('load',()=>{const i=[...document.images];"
+                 "document.body.setAttribute('data-images-ok',i.filter(x=>x.complete&&"
+                 "x.naturalWidth>0).length+'/'+i.length)})</script></body></html>")
     path = os.path.join(out_dir, "index.html")
     with atomic.atomic_open(path) as f:
         f.write("\n".join(parts))

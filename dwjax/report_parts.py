@@ -105,7 +105,8 @@ SHARES_CAPTION = ("Each bar is one {what}; each colour a class's count over <b>a
                   "that {what} (dead and unclustered included), so the coloured part is the "
                   "clustered fraction and the grey gap to 1 the unclustered kernels, as the "
                   "paper's bars ('excluding indiscernible patterns, hence proportions do not total "
-                  "to 1', §5). The four first-derivative subtypes are merged into one bar (Fig. 7); "
+                  "to 1', §5). The four first-derivative subtypes are merged into one bar "
+                  "(Fig. 7); "
                   "'Others' (hatched) is a labelled interval matching no DoG-family class. The CSV "
                   "keeps every class apart; its class columns sum to clustered_fraction.")
 
@@ -125,7 +126,8 @@ def shares(ctx: Context) -> list[Entry]:
                                    ctx.path("by_source"), "class shares of all kernels per source",
                                    xlabel="source", formats=ctx.formats)[:1],
                   [ctx.path("by_source.csv")])
-    layer_rows, layer_entry = [], Entry(
+    layer_rows = []
+    layer_entry = Entry(
         "Class shares per depthwise layer (paper Figs. 7, 8, 19, 33–38)",
         SHARES_CAPTION.format(what="depthwise layer") + " Layers are numbered among this kernel "
         "size's depthwise layers in network order.", tables=[ctx.path("by_layer.csv")])
@@ -208,7 +210,8 @@ def pca(ctx: Context) -> list[Entry]:
               [[i + 1, _f(v), _f(r)] for i, (v, r) in enumerate(
                   zip(p["explained_variance"], p["explained_variance_ratio"]))])
     point = np.where(cl, [templates.merged_class(c) for c in label], "unclustered")
-    counts = {c: int(np.sum(point == c)) for c in set(point.tolist()) - {"unclustered"}}
+    counts = {c: int(np.sum(point == c))  # the clear classes: neither unclustered nor Others
+              for c in set(point.tolist()) - {"unclustered", templates.OTHERS}}
     top = sorted(counts, key=lambda c: -counts[c])[:4]
     rng = np.random.default_rng(ctx.seed)
     samples = {c: kern[rng.choice(np.flatnonzero(point == c), min(5, counts[c]), replace=False)]
@@ -276,7 +279,7 @@ def kmeans_vs_autoencoder(ctx: Context, max_fit: int = 200_000) -> list[Entry]:
 
 
 # ------------------------------------------------------------------------- 5. sample grids
-def class_samples(ctx: Context, per_class: int = 8) -> list[Entry]:
+def class_samples(ctx: Context, per_class: int = 12) -> list[Entry]:
     """Random clustered kernels of each class per source (Figs. 5, 6) and unfiltered random
     kernels per source."""
     figs = []
@@ -293,17 +296,19 @@ def class_samples(ctx: Context, per_class: int = 8) -> list[Entry]:
         for c in tables.class_order(by_class):
             pick = np.sort(rng.choice(by_class[c], min(per_class, len(by_class[c])), False))
             groups[f"{c} ({len(by_class[c]):,})"] = np.asarray(kern[pick])
-        groups["unfiltered random"] = np.asarray(
-            kern[np.sort(rng.choice(len(kern), min(3 * per_class, len(kern)), False))])
+        pick = rng.choice(len(kern), min(2 * per_class, len(kern)), False)
+        anyk = np.asarray(kern[np.sort(pick)])
+        groups["unfiltered random"] = anyk[:per_class]
+        groups["unfiltered random "] = anyk[per_class:]
         figs.append(figures.plot_gallery(
             groups, ctx.path(f"samples_{_slug(s['source'])}.png"),
-            f"{s['source']}: random clustered kernels per class (count); last row unfiltered",
-            per_row=3 * per_class, formats=[f for f in ctx.formats if f != "png"]))
+            f"{s['source']}: random clustered kernels per class (count); last rows unfiltered",
+            per_row=per_class, formats=[f for f in ctx.formats if f != "png"]))
     return [Entry("Random kernels per class (paper Figs. 5, 6, 9)",
-                  "Per source, up to 8 random clustered kernels of each class (count in "
-                  "brackets) and, in the last row, 24 random kernels drawn without any filter "
-                  "(clustered or not). Each kernel is scaled by its own max |w|; red positive, "
-                  "blue negative, white zero.", figs)] if figs else []
+                  f"Per source, up to {per_class} random clustered kernels of each class (count "
+                  f"in brackets) and, in the last two rows, {2 * per_class} random kernels "
+                  "drawn without any filter (clustered or not). Each kernel is scaled by its "
+                  "own max |w|; red positive, blue negative, white zero.", figs)] if figs else []
 
 
 def layer_samples(ctx: Context, layers: Sequence[int], per_layer: int = 16) -> list[Entry]:
