@@ -34,9 +34,7 @@ def _tile_strip(kernels: np.ndarray, gap: int = 1) -> np.ndarray:
 
 
 def _kernel_cmap():
-    cmap = plt.get_cmap(KERNEL_CMAP).copy()
-    cmap.set_bad("white")  # the gaps between tiles
-    return cmap
+    return plt.get_cmap(KERNEL_CMAP).with_extremes(bad="white")  # the gaps between tiles
 
 
 def draw_kernel(ax, kernel: np.ndarray) -> None:

@@ -41,9 +41,10 @@ def compare(ctx: Context, names: Sequence[str]) -> list[Entry]:
 
 
 def timeline(ctx: Context, names: Sequence[str]) -> list[Entry]:
-    """Class shares and the clustered fraction per checkpoint, in the order given (`timeline.csv`)."""
+    """Class shares and the clustered fraction per checkpoint, in the order given
+    (`timeline.csv`)."""
     if len(names) < 2:
-        raise ReportError(f"--timeline {','.join(names)}: name two or more checkpoints")
+        raise ReportError(f"--timeline {','.join(names)}: name two or more checkpoint sources")
     picked = [ctx.source(n) for n in names]
     classes = tables.run_classes(picked)
     sh = tables.shares_of_all(picked, classes)
@@ -52,7 +53,7 @@ def timeline(ctx: Context, names: Sequence[str]) -> list[Entry]:
               [[s["source"], s["kernels"], _f(f), *map(_f, row)]
                for s, f, row in zip(picked, fr, sh)])
     figs = rfig.plot_timeline(list(names), *tables.merged(classes, sh), fr, ctx.path("timeline"),
-                              "checkpoints of one training run", formats=ctx.formats)
+                              "timeline: checkpoints of one training run", formats=ctx.formats)
     return [Entry("Timeline over checkpoints (paper Figs. 24, 25)",
                   "Each checkpoint named with --timeline, in that order: its class shares of all "
                   "kernels (left, Fig. 24) and its clustered fraction (right, Fig. 25).",
