@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colors  # noqa: E402
 
-from dwjax import atomic, templates  # noqa: E402
+from dwjax import figures, templates  # noqa: E402
 
 CMAP = "RdBu_r"
 FORMATS = ("png", "pdf", "svg")
@@ -199,17 +199,5 @@ def plot_surfaces(panels: Sequence[Panel], stem: str, formats: Sequence[str], ti
 
 
 def save(fig, stem: str, formats: Sequence[str]) -> list[str]:
-    """Writes ``<stem>.<fmt>`` for each format (each via a temporary file, then renamed, so a killed
-    run never leaves half a figure); closes ``fig``. Returns the paths."""
-    written = []
-    try:
-        for fmt in formats:
-            path = f"{stem}.{fmt}"
-            # No creation date in PDFs: a re-run writes the same bytes.
-            meta = {"CreationDate": None} if fmt == "pdf" else {}
-            with atomic.atomic_path(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta)
-            written.append(path)
-    finally:
-        plt.close(fig)
-    return written
+    """`figures.save` at this module's resolution (one implementation for every figure)."""
+    return figures.save(fig, stem, formats, dpi=DPI)

@@ -1,123 +1,92 @@
-"""Stage 5: per-model and per-layer proportions, as tables and figures.
+"""Stage 5: every table and figure of the paper for one run, gathered on one page.
 `python -m dwjax.report --workdir=…`
 
-Reads the per-shard statistics `assign` wrote beside its rows (never re-parsing millions of rows) and
-writes `<workdir>/report/`:
+Reads the per-shard statistics and rows `assign` wrote (and the shards, when they are still there)
+and writes `<workdir>/report/` (each figure as PNG and PDF, each table as CSV):
 
-- `by_source.csv`: kernels, clustered fraction and each class's share of the clustered kernels;
-- `by_layer.csv`: the same per source and depthwise layer;
-- `by_source.png`, `layers_<source>.png`: stacked bars of class shares (paper Figs. 7, 8, 11; the four
-  first-derivative subtypes merged into one bar, as Fig. 7 does);
-- `samples_<source>.png`: random clustered kernels of each class (Figs. 5, 6), read back from the shards.
+- `by_source.*`, `by_layer.csv`, `layers_<source>.*`: class shares of *all* kernels (Figs. 7, 8,
+  11, 19); `models.csv`: parameters, depthwise layers, kernels per size (Tables 1, 3, 4);
+- `activation.*`: total activation per class (Fig. 10); `pca.*`: PCA scatter (Fig. 4);
+- `kmeans_vs_ae.*`: the autoencoder's clustered share vs k-means under the same threshold;
+- `samples_<source>.*`: random kernels per class and unfiltered (Figs. 5, 6);
+  `--layers=13,14,15`: `layer_samples_<source>.*` (Figs. 20, 21);
+- `--compare=a,b`: `compare_a_vs_b.*` (Figs. 18, 26); `--timeline=e5,e10,…`: `timeline.*` (Figs.
+  24, 25); `kmeans_centroids.*` when the run has 3×3 centroids (appendix N);
+- `index.html`: all of the above, with captions and the run's settings.
 """
 from __future__ import annotations
 
-import csv
+import json
 import os
-from collections import defaultdict
-from typing import Callable
+from typing import Callable, Sequence
 
-import numpy as np
 from absl import app, flags
 
-from dwjax import assignments, atomic, cli, figures, paths, shards, templates
+from dwjax import assignments, cli, paths, report_page, report_parts, report_runs
 from dwjax import workdir as workdir_lib
 from dwjax.errors import RunDirError
 
 
-def _share_table(groups: list[dict]) -> tuple[list[str], np.ndarray]:
-    """Classes (most frequent first) and `[G, C]` shares of each group's clustered kernels."""
-    total: dict = defaultdict(int)
-    for g in groups:
-        for c, n in assignments.clustered_labels(g["labels"]).items():
-            total[c] += n
-    classes = sorted(total, key=lambda c: (-total[c], c))
-    counts = np.array([[g["labels"].get(c, 0) for c in classes] for g in groups], float).reshape(len(groups), -1)
-    return classes, counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+def _settings(run: workdir_lib.RunDir) -> dict:
+    try:
+        with open(assignments.settings_path(run.assignments)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
-def _merged(classes: list[str], shares: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Folds the first-derivative subtypes into one class (paper Fig. 7)."""
-    merged = list(dict.fromkeys(templates.merged_class(c) for c in classes))
-    out = np.zeros((len(shares), len(merged)))
-    for j, c in enumerate(classes):
-        out[:, merged.index(templates.merged_class(c))] += shares[:, j]
-    return merged, out
-
-
-def _write_table(path: str, header: list[str], rows: list[list]) -> None:
-    with atomic.atomic_open(path, newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def _samples_figure(run: workdir_lib.RunDir, stats: dict, per_class: int = 8,
-                    seed: int = 0) -> str | None:
-    """Random clustered kernels of each class of one shard, read back from its kernel file (skipped
-    when the shards are gone or were re-converted since)."""
-    k = stats["kernel_size"]
-    path = shards.kernel_file(stats["data_dir"], stats["shard_dir"], k)
-    if not os.path.exists(path) or shards.sha256_file(path) != stats["shard_sha256"]:
-        return None
-    rows = assignments.read_rows(run.assignments, stats, ("clustered", "label"))
-    by_class = defaultdict(list)
-    for i in np.flatnonzero(rows["clustered"]):  # rows are in shard order
-        by_class[rows["label"][i]].append(i)
-    if not by_class:
-        return None
-    kernels = np.load(path, mmap_mode="r")
-    rng = np.random.default_rng(seed)
-    groups = {}
-    for c in sorted(by_class, key=lambda c: -len(by_class[c])):
-        pick = rng.choice(by_class[c], min(per_class, len(by_class[c])), replace=False)
-        groups[f"{c} ({len(by_class[c]):,})"] = np.asarray(kernels[np.sort(pick)])
-    out = os.path.join(run.report, f"samples_{shards.slugify(stats['source'])}.png")
-    return figures.plot_gallery(groups, out,
-                                f"{stats['source']}: random clustered kernels per class (count)")
-
-
-def run_report(workdir: str, log: Callable[[str], None] = print) -> dict:
-    """Writes the tables and figures; returns `{"dir", "figures"}`."""
+def run_report(workdir: str, layers: Sequence[int] = (), compare: Sequence[str] = (),
+               timeline: Sequence[str] = (), formats: Sequence[str] = ("png", "pdf"),
+               seed: int = 0, kernel_size: int | None = None,
+               log: Callable[[str], None] = print) -> dict:
+    """Writes the tables, figures and `index.html`; returns `{"dir", "figures", "tables",
+    "page"}` (figure paths are the PNGs)."""
     run = workdir_lib.RunDir(workdir)
-    stats = assignments.read_stats(run.assignments)
+    stats = assignments.read_stats(run.assignments, kernel_size)
     if not stats:
         raise RunDirError(f"--workdir {workdir}: no assignments (run `python -m dwjax.assign` "
                           "first)")
-    out = run.report
-    os.makedirs(out, exist_ok=True)
-    srcs = [s["source"] for s in stats]
-    classes, shares = _share_table(stats)
-    frac = [s["clustered"] / max(1, s["kernels"]) for s in stats]
-    _write_table(os.path.join(out, "by_source.csv"), ["source", "kernels", "clustered_fraction", *classes],
-                 [[s["source"], s["kernels"], f"{f:.4f}", *(f"{x:.4f}" for x in sh)]
-                  for s, f, sh in zip(stats, frac, shares)])
-    figs = [figures.plot_proportions(srcs, *_merged(classes, shares), os.path.join(out, "by_source.png"),
-                                     "class shares among clustered kernels", xlabel="source")]
-    layer_rows = []
-    for s in stats:
-        layers = sorted(s["layers"], key=lambda l: l["layer"])
-        lcls, lshare = _share_table(layers)
-        full = {c: j for j, c in enumerate(lcls)}
-        for l, sh in zip(layers, lshare):
-            layer_rows.append([s["source"], l["layer"], l["layer_name"], l["kernels"],
-                               f"{l['clustered'] / max(1, l['kernels']):.4f}",
-                               *(f"{sh[full[c]]:.4f}" if c in full else "0.0000" for c in classes)])
-        figs.append(figures.plot_proportions([str(l["layer"]) for l in layers], *_merged(lcls, lshare),
-                                             os.path.join(out, f"layers_{shards.slugify(s['source'])}.png"),
-                                             f"{s['source']}: class shares among clustered kernels per depthwise layer"))
-        sample = _samples_figure(run, s)
-        if sample:
-            figs.append(sample)
-    _write_table(os.path.join(out, "by_layer.csv"),
-                 ["source", "layer", "layer_name", "kernels", "clustered_fraction", *classes], layer_rows)
-    width = max(len(x) for x in srcs + ["source"])
+    if len({s["kernel_size"] for s in stats}) > 1:
+        raise RunDirError(f"--workdir {workdir}: assignments of several kernel sizes; pass "
+                          "--kernel_size")
+    os.makedirs(run.report, exist_ok=True)
+    ctx = report_parts.Context(run, stats, _settings(run), formats=tuple(formats), seed=seed,
+                               log=log)
+    entries = []
+    steps = [("shares", report_parts.shares), ("models", report_runs.models),
+             ("activation", report_parts.activation), ("PCA", report_parts.pca),
+             ("k-means vs autoencoder", report_parts.kmeans_vs_autoencoder),
+             ("samples", report_parts.class_samples), ("centroids", report_runs.centroids)]
+    if layers:
+        steps.append(("layer samples", lambda c: report_parts.layer_samples(c, layers)))
+    if compare:
+        steps.append(("comparison", lambda c: report_runs.compare(c, compare)))
+    if timeline:
+        steps.append(("timeline", lambda c: report_runs.timeline(c, timeline)))
+    for name, step in steps:
+        new = step(ctx)
+        entries += new
+        log(f"  {name}: {sum(len(e.figures) for e in new)} figures, "
+            f"{sum(len(e.tables) for e in new)} tables")
+    k = ctx.kernel_size
+    page = report_page.write_page(run.report, f"dwjax report: {k}×{k} kernels of "
+                                  f"{os.path.basename(os.path.normpath(workdir))}",
+                                  ctx.settings, entries)
+    _log_summary(stats, log)
+    figs = [f for e in entries for f in e.figures]
+    tables = [t for e in entries for t in e.tables]
+    log(f"{len(tables)} tables and {len(figs)} figures in {run.report}; open {page}")
+    return {"dir": run.report, "figures": figs, "tables": tables, "page": page}
+
+
+def _log_summary(stats: list[dict], log: Callable[[str], None]) -> None:
+    width = max(len(s["source"]) for s in stats + [{"source": "source"}])
     log(f"{'source'.ljust(width)}  kernels  clustered  top classes")
-    for s, f, sh in zip(stats, frac, shares):
-        top = ", ".join(f"{classes[j]} {sh[j]:.0%}" for j in np.argsort(-sh)[:3] if sh[j] > 0)
-        log(f"{s['source'].ljust(width)}  {s['kernels']:>7,}  {f:>8.1%}  {top}")
-    log(f"tables and {len(figs)} figures in {out}")
-    return {"dir": out, "figures": figs}
+    for s in stats:
+        top = sorted(assignments.clustered_labels(s["labels"]).items(), key=lambda x: -x[1])[:3]
+        n = max(1, s["kernels"])
+        log(f"{s['source'].ljust(width)}  {s['kernels']:>7,}  {s['clustered'] / n:>8.1%}  "
+            + ", ".join(f"{c} {v / n:.0%}" for c, v in top))
 
 
 FLAGS = flags.FLAGS
@@ -127,13 +96,30 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None,
                         "Run directory with assignments (default $DWJAX_HOME/runs/k<kernel_size>).")
     flags.DEFINE_integer("kernel_size", 5, "Picks the default workdir when --workdir is not given.")
+    flags.DEFINE_list("layers", [], "Depthwise layers (numbered as in the per-layer bars) to draw "
+                      "random samples of, e.g. 13,14,15 (paper Figs. 20, 21).")
+    flags.DEFINE_list("compare", [], "Two or more source ids to compare layer by layer "
+                      "(Figs. 18, 26).")
+    flags.DEFINE_list("timeline", [], "Source ids that are checkpoints of one training run, in "
+                      "time order (Figs. 24, 25).")
+    flags.DEFINE_list("formats", ["png", "pdf"], "Figure formats (png is always written).")
+    flags.DEFINE_integer("seed", 0, "Seed of every random sample.")
+
+
+def _layers(values: Sequence[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise report_parts.ReportError(f"--layers {','.join(values)}: integers expected")
 
 
 def main(argv):
     del argv
-    cli.setup(uses_jax=False)
+    cli.setup(uses_jax=True)
     with cli.user_errors("report"):
-        run_report(FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size))
+        run_report(FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size),
+                   _layers(FLAGS.layers), FLAGS.compare, FLAGS.timeline,
+                   ["png", *FLAGS.formats], FLAGS.seed)
 
 
 if __name__ == "__main__":

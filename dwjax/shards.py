@@ -268,3 +268,12 @@ def add_sources(data_dir: str, sources: Sequence, log: Callable[[str], None] = p
             rebuild_manifest(data_dir, __version__)
         raise
     return rebuild_manifest(data_dir, __version__)
+
+
+def read_source_json(data_dir: str, shard_dir: str) -> dict | None:
+    """A source's `source.json` (its manifest entry, origin and layers), or None when it is gone."""
+    try:
+        with open(os.path.join(source_dir(data_dir, shard_dir), "source.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

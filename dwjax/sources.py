@@ -192,3 +192,21 @@ def resolve_sources(models: list[str], pretrained: bool, seed: int, checkpoint: 
     if len(set(ids)) != len(ids):
         raise SourceError(f"--models: a source is named twice ({ids})")
     return out
+
+
+def origin_file(origin: dict) -> str | None:
+    """The weights file a source was read from (`source.json`'s origin), or None when there is
+    none on this machine (timm downloads, .npz kernels, an uninstalled embedded package)."""
+    if origin.get("kind") == "embedded":
+        for _slug, package, rel, _arch, _licence in EMBEDDED:
+            if package == origin.get("package"):
+                spec = importlib.util.find_spec(package)
+                if spec is None or not spec.submodule_search_locations:
+                    return None
+                path = os.path.join(list(spec.submodule_search_locations)[0], rel)
+                return path if os.path.exists(path) else None
+        return None
+    path = origin.get("file")
+    if origin.get("kind") in ("checkpoint", "timm+checkpoint") and path and os.path.exists(path):
+        return path
+    return None

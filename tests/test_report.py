@@ -1,0 +1,152 @@
+"""The report on the embedded default's 5×5 kernels: every CSV recomputed from the rows it came
+from, the paper's findings (Fig. 10, k-means vs the autoencoder), and the page in a browser."""
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dwjax import assign, report, report_parts, templates, workdir as workdir_lib
+
+QUIET = dict(log=lambda *_: None)
+LITE = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
+
+
+@pytest.fixture(scope="module")
+def reported(default_run_k5, embedded_dir, tmp_path_factory):
+    """The default run copied (other tests re-assign the shared one), assigned, reported once."""
+    workdir = str(tmp_path_factory.mktemp("report") / "run")
+    shutil.copytree(default_run_k5.workdir, workdir,
+                    ignore=shutil.ignore_patterns("assignments", "report", "tensorboard"))
+    assign.assign(workdir, embedded_dir, **QUIET)
+    out = report.run_report(workdir, layers=[0, 5], compare=LITE[:2], timeline=LITE, **QUIET)
+    rows = pd.read_parquet(workdir_lib.RunDir(workdir).assignments)
+    return workdir, out, rows
+
+
+def _csv(out, name):
+    return pd.read_csv(os.path.join(out["dir"], name))
+
+
+def test_layer_shares_are_of_all_kernels_and_sum_to_the_clustered_fraction(reported):
+    _, out, rows = reported
+    by_layer = _csv(out, "by_layer.csv")
+    classes = list(by_layer.columns[5:])
+    assert templates.OTHERS in classes
+    for (src, layer), g in rows.groupby(["source", "layer"], observed=True):
+        line = by_layer[(by_layer.source == src) & (by_layer.layer == layer)]
+        assert len(line) == 1
+        want = g["clustered"].mean()
+        assert line["clustered_fraction"].item() == pytest.approx(want, abs=1e-6)
+        assert line[classes].to_numpy().sum() == pytest.approx(want, abs=1e-5)
+        for c in classes:
+            share = (g["clustered"] & (g["label"] == c)).sum() / len(g)
+            assert line[c].item() == pytest.approx(share, abs=1e-6)
+    by_source = _csv(out, "by_source.csv")
+    assert (by_source[classes].sum(axis=1) < 0.999).all()  # the gap to 1 is the unclustered
+
+
+def test_activation_quartiles_match_rows_and_the_paper_finding(reported):
+    _, out, rows = reported
+    act = _csv(out, "activation.csv").set_index("class")
+    clustered = rows[rows["clustered"]]
+    for c, g in clustered.groupby("label", observed=True):
+        x = g["total_activation"].to_numpy(np.float64)
+        np.testing.assert_allclose(act.loc[c, ["q1", "median", "q3"]].to_numpy(float),
+                                   np.percentile(x, [25, 50, 75]), atol=1e-6)
+        assert act.loc[c, "kernels"] == len(x)
+    first = [c for c in act.index if "1st derivative" in c]
+    medians = {c: act.loc[c, "median"] for c in first + ["On-Centre"]}
+    print("Fig. 10 medians:", {c: round(v, 3) for c, v in medians.items()})
+    # the paper's Fig. 10: first derivatives centred at zero, On-Centre positive
+    assert len(first) >= 2
+    assert all(abs(medians[c]) < 0.15 for c in first)
+    assert medians["On-Centre"] > 0.5
+
+
+def test_autoencoder_beats_kmeans_under_the_same_threshold(reported):
+    _, out, rows = reported
+    t = _csv(out, "kmeans_vs_ae.csv").set_index("source")
+    print(t.to_string())
+    for src in LITE:
+        assert t.loc[src, "autoencoder"] == pytest.approx(
+            rows[rows.source == src]["clustered"].mean(), abs=1e-6)
+        assert t.loc[src, "autoencoder"] > t.loc[src, "kmeans_10"] + 0.1
+    assert {"kmeans_10"} < set(t.columns) and len(t.columns) == 4  # + k-means(intervals)
+
+
+def test_pca_explained_variance_equals_numpy(reported):
+    workdir, out, _ = reported
+    ctx = report_parts.Context(workdir_lib.RunDir(workdir), report_parts.assignments.read_stats(
+        workdir_lib.RunDir(workdir).assignments), {})
+    kern, _, _ = report_parts.pca_sample(ctx)
+    flat = kern.reshape(len(kern), -1).astype(np.float64)
+    flat -= flat.mean(axis=1, keepdims=True)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)
+    want = np.sort(np.linalg.eigvalsh(np.cov(flat, rowvar=False)))[::-1]
+    got = _csv(out, "pca.csv")["explained_variance"].to_numpy()
+    np.testing.assert_allclose(got, want[:len(got)], atol=2e-6)
+    assert len(got) == 25
+
+
+def test_timeline_and_comparison_match_rows(reported):
+    _, out, rows = reported
+    tl = _csv(out, "timeline.csv")
+    assert tl.source.tolist() == LITE
+    classes = list(tl.columns[3:])
+    for _, line in tl.iterrows():
+        g = rows[rows.source == line.source]
+        assert line.clustered_fraction == pytest.approx(g["clustered"].mean(), abs=1e-6)
+        for c in classes:
+            assert line[c] == pytest.approx((g["clustered"] & (g["label"] == c)).mean(), abs=1e-6)
+    cmp = _csv(out, "compare_efficientnet-lite0_vs_efficientnet-lite1.csv")
+    assert cmp.source.unique().tolist() == LITE[:2]
+    assert len(cmp) == rows[rows.source.isin(LITE[:2])].groupby(
+        ["source", "layer"], observed=True).ngroups
+
+
+def test_models_table_counts_parameters_and_kernels(reported):
+    _, out, rows = reported
+    m = _csv(out, "models.csv").set_index("source")
+    # published sizes: EfficientNet-Lite0 4.65 M parameters; the shards' 5×5 and 3×3 counts
+    assert 4.6e6 < m.loc["efficientnet-lite0", "parameters"] < 4.7e6
+    assert m.loc["efficientnet-lite0", "5x5_kernels"] == 6336
+    assert m.loc["efficientnet-lite0", "3x3_kernels"] == 2624
+    assert m.loc["efficientnet-lite1", "depthwise_layers"] == 21
+
+
+def test_every_figure_has_png_and_pdf_and_the_page_links_them(reported):
+    _, out, _ = reported
+    names = {os.path.basename(f)[:-4] for f in out["figures"]}
+    for stem in ("by_source", "activation", "pca", "kmeans_vs_ae", "timeline",
+                 "compare_efficientnet-lite0_vs_efficientnet-lite1",
+                 "layers_efficientnet-lite0", "samples_efficientnet-lite0",
+                 "layer_samples_efficientnet-lite0"):
+        assert stem in names
+        for ext in ("png", "pdf"):
+            assert os.path.getsize(os.path.join(out["dir"], f"{stem}.{ext}")) > 1000
+    with open(out["page"]) as f:
+        page = f.read()
+    srcs = re.findall(r"<img src='([^']+)'", page)
+    assert len(srcs) == len(out["figures"])
+    assert all(os.path.exists(os.path.join(out["dir"], s)) for s in srcs)
+    assert "threshold" in page and "labels_sha256" in page and "http" not in page
+
+
+def test_page_renders_in_headless_chromium(reported, tmp_path):
+    """Every <img> of index.html loads (naturalWidth > 0) in a real browser."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    _, out, _ = reported
+    p = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+         "--virtual-time-budget=10000", "--dump-dom", f"file://{out['page']}?check"],
+        capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r"data-images-ok=\"(\d+)/(\d+)\"", p.stdout)
+    assert m, p.stdout[-2000:]
+    assert m.group(1) == m.group(2) == str(len(out["figures"]))
