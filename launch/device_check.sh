@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One short device check for a machine with a GPU (or TPU): the device, the device-independent
+# tests, and the assign and train benchmarks with their figures. Sized to finish in ~8 minutes.
+#   bash launch/device_check.sh [OUT_DIR]
+# The device image has jax, flax, optax, orbax-checkpoint, timm, torch, pyarrow, pandas; dwjax
+# itself runs from this checkout (no install), its embedded-default weights are not needed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/dwjax-device-check}}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DWJAX_HOME="$out/home"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+  python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|numpy|pyarrow|ml.collections) ' || true
+} 2>&1 | tee "$out/device.txt"
+# Tests that need no embedded-default weights: search, precision, k-means, preprocessing, the house.
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_nearest.py tests/test_precision.py \
+  tests/test_kmeans.py tests/test_preprocess.py tests/test_architecture.py 2>&1 | tail -15 | tee "$out/tests.txt"
+timeout 240 python3 launch/bench_assign_e2e.py --json "$out/assign_e2e.json" 2>&1 | tail -8 | tee "$out/assign.txt"
+timeout 120 python3 launch/bench_train.py --synthetic 200000 --epochs 5 --batch_size 4096 2>&1 | tail -8 \
+  | tee "$out/train.txt"
