@@ -61,6 +61,9 @@ DEFAULT_TILE_M = 64
 # fori_loop unroll of the tile loop: fewer loop-carried selects between fused calls (~+3% at small C).
 UNROLL = 4
 DEAD_DISSIMILARITY = 1.0
+# Every dot product in float32 at full precision: TPU/GPU would otherwise run DEFAULT-precision dots
+# as bf16 passes and assign kernels differently from CPU.
+_HIGHEST = lax.Precision.HIGHEST
 
 
 def _tiles(recon, tile_m: int):
@@ -94,7 +97,8 @@ def nearest_block(x, r_tiles, m: int, unroll: int = 1, refine_rows: int = 64):
 
     def step(g, carry):
         best, tile = carry
-        v = jnp.max(x @ r_tiles[g].T, axis=1)  # fuses: the [C, tile_m] block is never stored
+        # Fuses: the [C, tile_m] block is never stored.
+        v = jnp.max(jnp.matmul(x, r_tiles[g].T, precision=_HIGHEST), axis=1)
         better = v > best                       # strict: earlier tile wins an exact tie
         return jnp.where(better, v, best), jnp.where(better, g, tile)
 
@@ -107,7 +111,7 @@ def nearest_block(x, r_tiles, m: int, unroll: int = 1, refine_rows: int = 64):
     # the whole chunk is memory-bound and costs as much as the tile loop).
     def refine(args):
         xb, tb = args
-        s = jnp.einsum("cd,ctd->ct", xb, r_tiles[tb])
+        s = jnp.einsum("cd,ctd->ct", xb, r_tiles[tb], precision=_HIGHEST)
         hit = s >= jnp.max(s, axis=1, keepdims=True) - TIE_TOL  # ≥ 1 hit whatever the rounding
         j = jnp.min(jnp.where(hit, lax.broadcasted_iota(jnp.int32, s.shape, 1), tile_m - 1), axis=1)
         return tb * tile_m + j
