@@ -46,17 +46,19 @@ def test_helper_rejects_default_precision():
     assert assert_highest_precision(highest.lower(a).as_text()) == 1
 
 
-def test_nearest_chunk_dots_are_highest():
+@pytest.mark.parametrize("method", ["brute", "pruned"])
+def test_nearest_chunk_dots_are_highest(method):
     """The compiled chunk function (embedding, search, refinement; shard_map body included)."""
     mesh = mesh_lib.data_mesh()
     rep = mesh_lib.replicated(mesh)
     recon = np.random.default_rng(0).standard_normal((300, 24)).astype(np.float32)
     r_tiles = jax.device_put(nearest._tiles(recon, 64), rep)
+    tables = None if method == "brute" else jax.device_put(nearest.pruned_tables(r_tiles), rep)
     basis = jax.device_put(preprocess.hyperplane_basis(5), rep)
     x = nearest._put(mesh, np.zeros((64, 5, 5), np.float32))
-    text = nearest._compiled(mesh, 300).lower(x, r_tiles, basis).as_text()
-    # The embedding, the tile loop and the refinement.
-    assert assert_highest_precision(text, min_dots=3)
+    text = nearest._compiled(mesh, 300, method).lower(x, r_tiles, basis, tables).as_text()
+    # brute: embedding, tile loop, refinement; pruned adds the lower-bound and cap GEMMs.
+    assert assert_highest_precision(text, min_dots=3 if method == "brute" else 4)
 
 
 def test_preprocess_and_kmeans_dots_are_highest():
