@@ -12,10 +12,14 @@ import functools
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 # Centred norm below this fraction of the raw norm: a dead or constant kernel (EfficientNet-Lite has
 # all-zero channels). Relative, so a·x keeps its verdict; 1e-5 is ~100× float32 rounding of a constant.
 DEAD_RELATIVE_NORM = 1e-5
+# Every dot product in float32 at full precision: TPU/GPU would otherwise run them as bf16 passes
+# and assign kernels differently from CPU.
+_HIGHEST = lax.Precision.HIGHEST
 
 
 def valid_mask(kernels: np.ndarray) -> np.ndarray:
@@ -61,12 +65,13 @@ def embed(kernels, basis=None):
     """`[N, k, k]` → `[N, k*k-1]` unit coordinates in the hyperplane basis (jit-able)."""
     k = int(round(np.sqrt(np.prod(kernels.shape[1:]))))
     basis = hyperplane_basis(k) if basis is None else basis
-    return centre_and_normalise(kernels) @ basis
+    return jnp.matmul(centre_and_normalise(kernels), basis, precision=_HIGHEST)
 
 
 def unembed(coords, kernel_size: int):
     """`[N, k*k-1]` coordinates → `[N, k, k]` pixel-space kernels (centred; unit if coords are)."""
-    return jnp.reshape(coords @ hyperplane_basis(kernel_size).T, (-1, kernel_size, kernel_size))
+    pixels = jnp.matmul(coords, hyperplane_basis(kernel_size).T, precision=_HIGHEST)
+    return jnp.reshape(pixels, (-1, kernel_size, kernel_size))
 
 
 def coords_to_kernels(coords, kernel_size: int) -> np.ndarray:

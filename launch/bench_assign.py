@@ -1,6 +1,7 @@
 """Benchmark (not a test): nearest_codes on 1M synthetic 7×7 kernels against M = 10,000 reconstructions.
 
     python launch/bench_assign.py [--n 1000000] [--chunk_size 32768] [--tile_m 64] [--naive_n 100000]
+    python launch/bench_assign.py --quick        # smaller N everywhere: about a minute
 
 Prints, for this machine:
   * fp32 GEMM peak: numpy 4096×4096 @ 4096×4096, best of 3, GFLOP/s = 2·4096³/t; with the BLAS numpy
@@ -14,6 +15,14 @@ Prints, for this machine:
   * peak RSS (VmHWM, see peak_rss_mib) of ours at N = 250k and 1M, each in a fresh subprocess
     reading kernels from a lazy synthetic source (O(chunk) memory), to show memory is flat in N;
     the O(N) outputs (8 bytes per kernel) are the only part that grows.
+  * pruned vs brute force, the core only (the compiled chunk function on device-resident chunks,
+    no host streaming), at M = 10,000 codes along a decoder-like curve (tests.reference:
+    smoothstep between DoG-family templates) for 5×5 and 7×7, on --core_n kernels (70% near the
+    curve, 30% random directions): kernels/s, effective GFLOP/s = 2·N·d·M/t (brute force's flops,
+    whatever the method did) against the GEMM peak, the ratio, and whether the indices agree. Run
+    twice: in this process (jax's default: one CPU device for all cores) and in a child with one
+    CPU device per core (XLA_FLAGS=--xla_force_host_platform_device_count), because the pruned
+    search's block loop is sequential within a device while brute force's big GEMMs are threaded.
 Other processes on the machine skew every number; the load average is printed with them.
 """
 from __future__ import annotations
@@ -33,6 +42,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 M, D, K = 10_000, 48, 7
+CORE_SIZES = (5, 7)
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
              "MKL_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS", "NVPL_BLAS_DEBUG_CPU_TYPE")
 
@@ -138,6 +148,59 @@ def _child_naive(n: int) -> dict:
     return {"seconds": t, "rss_peak_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
+def _child_core(kernel_size: int, n: int, chunk_size: int, reps: int) -> dict:
+    """Pruned vs brute force: the compiled chunk function on device-resident chunks (best of reps,
+    the two methods interleaved so that load drifts hit both)."""
+    import jax
+
+    from dwjax import mesh as mesh_lib, nearest, preprocess
+    from tests.reference import curve_kernels, template_curve
+
+    recon = template_curve(kernel_size, M, seed=kernel_size)
+    kernels = curve_kernels(recon, n, seed=kernel_size)
+    mesh = mesh_lib.data_mesh()
+    rep = mesh_lib.replicated(mesh)
+    backend = jax.default_backend()
+    tile = nearest.default_tile_m(backend)
+    r_host = np.asarray(nearest._tiles(recon, tile))
+    r_tiles = jax.device_put(r_host, rep)
+    tables = jax.device_put(nearest.pruned_tables(r_host), rep)
+    basis = jax.device_put(preprocess.hyperplane_basis(kernel_size), rep)
+    c = nearest._chunk_rows(n, chunk_size, mesh.size)
+    kernels = np.concatenate([kernels, np.zeros((-n % c, *kernels.shape[1:]), np.float32)])
+    chunks = [nearest._put(mesh, kernels[s:s + c]) for s in range(0, len(kernels), c)]
+    fns = {m: (nearest._compiled(mesh, M, m), None if m == "brute" else tables)
+           for m in ("brute", "pruned")}
+
+    def run(method):
+        fn, tab = fns[method]
+        return jax.block_until_ready([fn(x, r_tiles, basis, tab) for x in chunks])
+
+    idx = {m: np.concatenate([np.asarray(o[0]) for o in run(m)])[:n] for m in fns}  # compiles
+    times = {m: [] for m in fns}
+    for _ in range(reps):
+        for m in fns:
+            times[m].append(_timed(lambda: run(m)))
+    return {"devices": mesh.size, "backend": backend, "tile_m": tile, "chunk": c,
+            "radius": float(tables.radius), "identical": bool(np.array_equal(*idx.values())),
+            "choice": nearest.choose_method(backend, n, M, float(tables.radius)),
+            **{f"{m}_s": min(t) for m, t in times.items()}}
+
+
+def report_core(r: dict, kernel_size: int, n: int, peak: float, label: str) -> None:
+    d = kernel_size * kernel_size - 1
+    line = [f"core {kernel_size}×{kernel_size} (d={d}, M={M:,} curve, N={n:,}, {label}: "
+            f"{r['devices']} {r['backend']} device(s), tile_m={r['tile_m']}, chunk={r['chunk']}):"]
+    for m in ("brute", "pruned"):
+        t = r[f"{m}_s"]
+        gf = 2 * n * d * M / t / 1e9
+        line.append(f"{m} {t:.3f} s, {n / t:,.0f} kernels/s, {gf:.0f} GFLOP/s effective "
+                    f"({gf / peak:.0%} of GEMM peak);")
+    line.append(f"pruned/brute = {r['brute_s'] / r['pruned_s']:.2f}×; identical indices: "
+                f"{r['identical']}; auto picks {r['choice']} (cap radius {r['radius']:.3f} rad)")
+    print(" ".join(line))
+
+
 def _run_child(mode: str, args: list, env: dict | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, *map(str, args)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, cwd=ROOT)
@@ -154,12 +217,20 @@ def main(argv=None):
     p.add_argument("--naive_n", type=int, default=100_000)
     p.add_argument("--rss_n", default="250000,1000000", help="comma-separated N for the RSS runs")
     p.add_argument("--reps", type=int, default=2, help="timed runs of ours (best is reported)")
+    p.add_argument("--core_n", type=int, default=262_144, help="kernels per pruned/brute core run")
+    p.add_argument("--core_reps", type=int, default=3, help="timed runs of each core (best)")
+    p.add_argument("--quick", action="store_true",
+                   help="N=65,536, naive_n=10,000, core_n=65,536, 2 core reps, no RSS runs")
     p.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._child:
         mode, rest = a._child[0], [int(v) for v in a._child[1:]]
-        print(json.dumps({"gemm": _child_gemm, "ours": _child_ours, "naive": _child_naive}[mode](*rest)))
+        modes = {"gemm": _child_gemm, "ours": _child_ours, "naive": _child_naive,
+                 "core": _child_core}
+        print(json.dumps(modes[mode](*rest)))
         return
+    if a.quick:
+        a.n, a.naive_n, a.core_n, a.core_reps, a.rss_n, a.reps = 65_536, 10_000, 65_536, 2, "", 1
 
     import jax
 
@@ -181,7 +252,7 @@ def main(argv=None):
     recon = recon_vectors()
     kernels = unit_kernels(a.n)
     t0 = time.perf_counter()
-    nearest.nearest_codes(kernels[:chunk], recon, chunk, tile_m=tile)
+    nearest.nearest_codes(kernels[:chunk], recon, chunk, tile_m=tile, log=print)
     print(f"warm-up compile (one chunk of {chunk}): {time.perf_counter() - t0:.2f} s")
     best = min(_timed(lambda: nearest.nearest_codes(kernels, recon, chunk, tile_m=tile))
                for _ in range(a.reps))
@@ -205,6 +276,15 @@ def main(argv=None):
               f"{r['rss_import_mib']:,.0f} MiB, after one-chunk warm-up {r['rss_before_mib']:,.0f} MiB; "
               f"outputs {n * 8 / 2**20:.1f} MiB; lazy source: {n / r['seconds']:,.0f} kernels/s; "
               f"ru_maxrss {r['ru_maxrss_mib']:,.0f} MiB incl. the parent's)")
+
+    per_core = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                    f" --xla_force_host_platform_device_count={os.cpu_count()}").strip())
+    for k in CORE_SIZES:
+        args = (k, a.core_n, chunk, a.core_reps)
+        print(f"load average {os.getloadavg()[0]:.2f}")
+        report_core(_child_core(*args), k, a.core_n, peak, "this process")
+        report_core(_run_child("core", list(args), per_core), k, a.core_n, peak,
+                    "one CPU device per core")
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 

@@ -1,69 +1,91 @@
-"""nearest_codes against the float64 brute force, on 1 and on 8 simulated CPU devices.
+"""nearest_codes against the float64 brute force, on 1 and on 8 simulated CPU devices, for both
+methods; the pruned search against brute force on curves and adversarial inputs.
 
 Near-ties are excluded explicitly: kernels whose float64 top-2 cosine gap is ≤ 1e-4 are dropped from
 the random data (float32 may legitimately pick either of two reconstructions that close). Exact ties
-are tested separately with duplicated reconstruction rows (lowest index must win).
+are tested separately with duplicated reconstruction rows (lowest index must win). Pruned and brute
+force are compared exactly everywhere (same index, same float32 dissimilarity): on XLA:CPU their
+GEMMs round alike, so even near-ties must come out the same.
 """
 import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dwjax import nearest, preprocess
+from tests.reference import curve_kernels, nearest_codes_reference, similarities, template_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GAP = 1e-4
-# (name, kernel size, N before near-tie exclusion, M, chunk sizes). M is not a multiple of the
-# 64-row tile (nearest.DEFAULT_TILE_M); chunks that do and do not divide N, and one larger than N.
-CASES = [("k5", 5, 300, 1000, (128, 100, 150, 4096)), ("k7", 7, 200, 2000, (64,))]
+# On the curve neighbouring codes are close: a smaller gap, still ~100× float32 rounding.
+CURVE_GAP = 1e-5
+# (name, kernel size, N before near-tie exclusion, M, {method: chunk sizes}). M is not a multiple
+# of the 64-row tile (nearest.DEFAULT_TILE_M); chunks that do and do not divide N, and one larger
+# than N. Random reconstructions are no curve: pruned degenerates to visiting every tile, still
+# exact. "curve" is a decoder-like curve, where pruned skips most tiles.
+CASES = [("k5", 5, 300, 1000, {"brute": (128, 100, 150, 4096), "pruned": (128,)}),
+         ("k7", 7, 200, 2000, {"brute": (64,), "pruned": (64,)}),
+         ("curve", 7, 600, 1001, {"brute": (256,), "pruned": (256,)})]
 
 
 def _case(name, k, n, m):
-    """Random kernels `[n', k, k]` (near-ties dropped, dead kernels appended) and recon `[m, k*k-1]`."""
+    """Kernels `[n', k, k]` (near-ties dropped, dead kernels appended) and recon `[m, k*k-1]`."""
     rng = np.random.default_rng(1000 + k)  # fixed: the 8-device subprocess rebuilds the same data
-    recon = rng.standard_normal((m, k * k - 1)).astype(np.float32) * rng.uniform(0.5, 2, (m, 1))
-    # Half the kernels are noisy copies of reconstructions (realistic small dissimilarities), half
-    # random; all get a random affine map a·x + b (a > 0) the dissimilarity must ignore.
-    src = recon[rng.integers(0, m, n // 2)]
-    near = np.asarray(preprocess.unembed(jnp.asarray(src), k)) + 0.05 * rng.standard_normal((n // 2, k, k))
-    kern = np.concatenate([near, rng.standard_normal((n - n // 2, k, k))])
-    kern = kern * rng.uniform(0.1, 10, (n, 1, 1)) + rng.uniform(-1, 1, (n, 1, 1))
-    flat = kern.reshape(n, -1) - kern.reshape(n, -1).mean(1, keepdims=True)
-    x = (flat / np.linalg.norm(flat, axis=1, keepdims=True)) @ preprocess._basis_np(k)
-    sims = x @ (recon / np.linalg.norm(recon, axis=1, keepdims=True)).T.astype(np.float64)
-    top2 = np.sort(sims, axis=1)[:, -2:]
-    keep = top2[:, 1] - top2[:, 0] > GAP
-    assert keep.mean() > 0.9
-    dead = np.stack([np.zeros((k, k)), np.full((k, k), 3.5), np.full((k, k), -2.0) + 1e-12 * np.eye(k)])
+    if name == "curve":
+        recon = template_curve(k, m, seed=3) * rng.uniform(0.5, 2, (m, 1)).astype(np.float32)
+        kern = curve_kernels(recon, n, seed=4).astype(np.float64)
+    else:
+        recon = rng.standard_normal((m, k * k - 1)).astype(np.float32) * rng.uniform(0.5, 2, (m, 1))
+        # Half the kernels are noisy copies of reconstructions (realistic small dissimilarities),
+        # half random; all get a random affine map a·x + b (a > 0) the dissimilarity must ignore.
+        src = recon[rng.integers(0, m, n // 2)]
+        near = np.asarray(preprocess.unembed(jnp.asarray(src), k))
+        near = near + 0.05 * rng.standard_normal((n // 2, k, k))
+        kern = np.concatenate([near, rng.standard_normal((n - n // 2, k, k))])
+        kern = kern * rng.uniform(0.1, 10, (n, 1, 1)) + rng.uniform(-1, 1, (n, 1, 1))
+    top2 = np.sort(similarities(kern, recon), axis=1)[:, -2:]
+    keep = top2[:, 1] - top2[:, 0] > (CURVE_GAP if name == "curve" else GAP)
+    assert keep.mean() > (0.6 if name == "curve" else 0.9)
+    dead = np.stack([np.zeros((k, k)), np.full((k, k), 3.5),
+                     np.full((k, k), -2.0) + 1e-12 * np.eye(k)])
     kern = np.concatenate([kern[keep][:5], dead, kern[keep][5:]]).astype(np.float32)
     return kern, recon
 
 
 def _run_all() -> dict:
-    """Every (case, chunk) result on the current process's devices, as a flat dict of arrays."""
+    """Every (case, method, chunk) result on this process's devices, as a flat dict of arrays."""
     out = {}
-    for name, k, n, m, chunks in CASES:
+    for name, k, n, m, methods in CASES:
         kern, recon = _case(name, k, n, m)
-        for c in chunks:
-            i, d = nearest.nearest_codes(kern, recon, chunk_size=c)
-            out[f"{name}/{c}/idx"], out[f"{name}/{c}/dis"] = i, d
+        for method, chunks in methods.items():
+            for c in chunks:
+                i, d = nearest.nearest_codes(kern, recon, chunk_size=c, method=method)
+                out[f"{name}/{method}/{c}/idx"], out[f"{name}/{method}/{c}/dis"] = i, d
     return out
 
 
 def _check(results: dict):
-    for name, k, n, m, chunks in CASES:
+    for name, k, n, m, methods in CASES:
         kern, recon = _case(name, k, n, m)
-        ri, rd = nearest.nearest_codes_reference(kern, recon)
+        ri, rd = nearest_codes_reference(kern, recon)
         assert (ri == -1).sum() == 3 and (ri[5:8] == -1).all()
-        for c in chunks:
-            i, d = results[f"{name}/{c}/idx"], results[f"{name}/{c}/dis"]
-            assert i.dtype == np.int32 and d.dtype == np.float32 and i.shape == d.shape == (len(kern),)
-            np.testing.assert_array_equal(i, ri, err_msg=f"{name} chunk={c}")
-            np.testing.assert_allclose(d, rd, atol=1e-5, rtol=0, err_msg=f"{name} chunk={c}")
-            assert (d[ri == -1] == nearest.DEAD_DISSIMILARITY).all() and np.isfinite(d).all()
+        for method, chunks in methods.items():
+            for c in chunks:
+                i, d = results[f"{name}/{method}/{c}/idx"], results[f"{name}/{method}/{c}/dis"]
+                msg = f"{name} {method} chunk={c}"
+                assert i.dtype == np.int32 and d.dtype == np.float32
+                assert i.shape == d.shape == (len(kern),)
+                np.testing.assert_array_equal(i, ri, err_msg=msg)
+                np.testing.assert_allclose(d, rd, atol=1e-5, rtol=0, err_msg=msg)
+                assert (d[ri == -1] == nearest.DEAD_DISSIMILARITY).all() and np.isfinite(d).all()
+        c = methods["pruned"][0]
+        for part in ("idx", "dis"):
+            np.testing.assert_array_equal(results[f"{name}/pruned/{c}/{part}"],
+                                          results[f"{name}/brute/{methods['brute'][0]}/{part}"])
 
 
 def test_matches_reference_one_device():
@@ -75,10 +97,10 @@ def test_eight_devices_match_one_device(tmp_path):
     path = str(tmp_path / "r8.npz")
     code = ("import sys, jax, numpy as np; assert jax.device_count() == 8, jax.devices(); "
             "from tests.test_nearest import _run_all; np.savez(sys.argv[1], **_run_all())")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code, path], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code, path], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(path) as f:
         r8 = dict(f)
@@ -91,15 +113,16 @@ def test_eight_devices_match_one_device(tmp_path):
             np.testing.assert_allclose(r8[key], r1[key], atol=1e-6, rtol=0, err_msg=key)
 
 
+@pytest.mark.parametrize("method", ["brute", "pruned"])
 @pytest.mark.parametrize("a,b", [(3, 7), (3, 200), (500, 999)])
-def test_exact_tie_lowest_index_wins(a, b):
+def test_exact_tie_lowest_index_wins(a, b, method):
     """recon[b] = recon[a] (same 64-row tile, across tiles, in the last padded tile): → a."""
     rng = np.random.default_rng(2)
     recon = rng.standard_normal((1000, 24)).astype(np.float32)
     recon[b] = recon[a]
     base = np.asarray(preprocess.unembed(jnp.asarray(recon[a:a + 1]), 5))
     kern = np.concatenate([base, 3 * base - 1, base + 1e-3 * rng.standard_normal((4, 5, 5))])
-    i, d = nearest.nearest_codes(kern.astype(np.float32), recon, chunk_size=8)
+    i, d = nearest.nearest_codes(kern.astype(np.float32), recon, chunk_size=8, method=method)
     assert (i == a).all(), i
     assert (d[:2] < 1e-6).all()
 
@@ -107,14 +130,16 @@ def test_exact_tie_lowest_index_wins(a, b):
 def test_tile_size_and_memmap(tmp_path):
     """Other M tilings give the same answer; an np.memmap input streams like an in-memory one."""
     kern, recon = _case("k5", 5, 300, 1000)
-    ri, rd = nearest.nearest_codes_reference(kern, recon)
-    mm = np.lib.format.open_memmap(str(tmp_path / "k.npy"), mode="w+", dtype=np.float32, shape=kern.shape)
+    ri, rd = nearest_codes_reference(kern, recon)
+    mm = np.lib.format.open_memmap(str(tmp_path / "k.npy"), mode="w+", dtype=np.float32,
+                                   shape=kern.shape)
     mm[:] = kern
     mm.flush()
     mm = np.load(str(tmp_path / "k.npy"), mmap_mode="r")
-    for tile in (1, 7, 1000, 1024):
-        i, d = nearest.nearest_codes(mm, recon, chunk_size=128, tile_m=tile)
-        np.testing.assert_array_equal(i, ri, err_msg=f"tile_m={tile}")
+    for tile, method in [(1, "brute"), (7, "brute"), (7, "pruned"), (1000, "brute"),
+                         (1024, "brute"), (128, "pruned")]:
+        i, d = nearest.nearest_codes(mm, recon, chunk_size=128, tile_m=tile, method=method)
+        np.testing.assert_array_equal(i, ri, err_msg=f"tile_m={tile} {method}")
         np.testing.assert_allclose(d, rd, atol=1e-5, rtol=0)
 
 
@@ -129,13 +154,16 @@ def test_dead_kernel_verdict_is_preprocess_valid_mask():
     valid = preprocess.valid_mask(kern)
     assert 0 < valid.sum() < 400
     recon = rng.standard_normal((100, 24)).astype(np.float32)
-    i, d = nearest.nearest_codes(kern, recon, chunk_size=128)
-    np.testing.assert_array_equal(i >= 0, valid)
-    assert (d[~valid] == 1.0).all()
+    for method in ("brute", "pruned"):
+        i, d = nearest.nearest_codes(kern, recon, chunk_size=128, method=method)
+        np.testing.assert_array_equal(i >= 0, valid)
+        assert (d[~valid] == 1.0).all()
 
 
 def test_edge_cases():
     recon = np.random.default_rng(3).standard_normal((5, 8)).astype(np.float32)
+    with pytest.raises(ValueError):
+        nearest.nearest_codes(np.zeros((4, 3, 3), np.float32), recon, method="fast")
     i, d = nearest.nearest_codes(np.zeros((0, 3, 3), np.float32), recon)
     assert i.shape == d.shape == (0,)
     i, d = nearest.nearest_codes(np.ones((4, 3, 3), np.float32), recon)  # all dead
@@ -144,3 +172,112 @@ def test_edge_cases():
         nearest.nearest_codes(np.zeros((4, 3, 3), np.float32), recon[:, :5])
     with pytest.raises(ValueError):
         nearest.nearest_codes(np.zeros((4, 3, 3), np.float32), recon[:0])
+
+
+# ------------------------------------------------------------------------------- pruned search
+
+def _both(kern, recon, **kw):
+    """(brute, pruned) results, asserted identical (index and float32 dissimilarity)."""
+    ib, db = nearest.nearest_codes(kern, recon, method="brute", **kw)
+    ip, dp = nearest.nearest_codes(kern, recon, method="pruned", **kw)
+    np.testing.assert_array_equal(ip, ib)
+    np.testing.assert_allclose(dp, db, atol=1e-6, rtol=0)
+    return ib, db
+
+
+def _kernels(coords, k):
+    """Unit coordinates `[n, k*k-1]` (float64) → raw float32 kernels under a·x + b."""
+    flat = np.asarray(coords, np.float64) @ preprocess._basis_np(k).T
+    return (2.5 * flat + 0.3).reshape(-1, k, k).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [5, 7])
+def test_pruned_equals_brute_on_a_decoder_curve(k):
+    """10,000 codes on a smooth curve, near-curve and random kernels: identical, near-ties included
+    (neighbouring codes differ by ~1e-6 in cosine, so nearly every kernel has one); the chosen row
+    is a float64 maximum up to float32 rounding."""
+    recon = template_curve(k, 10_000, seed=k)
+    kern = curve_kernels(recon, 700, seed=k)
+    i, d = _both(kern, recon, chunk_size=256)
+    ri, rd = nearest_codes_reference(kern, recon)
+    sims = similarities(kern, recon)
+    assert (sims[np.arange(len(kern)), i] >= sims.max(axis=1) - 1e-6).all()
+    np.testing.assert_allclose(d, rd, atol=1e-6, rtol=0)
+    radius = float(nearest.pruned_tables(nearest._tiles(recon, 64)).radius)
+    assert nearest.choose_method("cpu", len(kern), len(recon), radius) == "pruned"
+
+
+def test_pruned_adversarial():
+    """Inputs built to catch a pruning or tie mistake; pruned and brute force must agree. One batch
+    of 32 kernels throughout (one compiled shape per M)."""
+    k, tm = 5, nearest.DEFAULT_TILE_M
+    recon = template_curve(k, 1000, seed=1)
+    r = recon.astype(np.float64)
+    dup = recon.copy()
+    dup[tm] = dup[tm - 1]  # a duplicated row across a tile boundary
+    dup[2 * tm + 5:3 * tm + 5] = dup[2 * tm + 5]  # a run of equal rows spanning two tiles
+    mid = r[tm - 1] + r[tm]  # exactly between the last row of tile 0 and the first of tile 1
+    coords = [mid, mid + 1e-3 * r[5], r[tm - 1], r[-1], r[0], dup[2 * tm + 40].astype(np.float64)]
+    coords += list(np.random.default_rng(0).standard_normal((23, k * k - 1)))
+    coords = np.stack([c / np.linalg.norm(c) for c in coords])
+    kern = np.concatenate([_kernels(coords, k), np.zeros((2, k, k), np.float32),
+                           np.full((1, k, k), 7.0, np.float32)])
+    assert len(kern) == 32
+    i, d = _both(kern, recon, chunk_size=64)
+    assert i[0] == tm - 1  # equidistant (up to rounding, far below TIE_TOL): the lower index
+    assert i[2] == tm - 1 and i[4] == 0
+    # The curve flattens at its end (rows 998 and 999 agree to < TIE_TOL): any of the top rows.
+    sims = similarities(kern[:4], recon)
+    assert i[3] >= len(recon) - 3 and sims[3, i[3]] >= sims[3].max() - 1e-6
+    assert (i[-3:] == -1).all() and (d[-3:] == 1.0).all()
+
+    i, _ = _both(kern, dup, chunk_size=64)
+    assert i[0] == tm - 1 and i[2] == tm - 1
+    assert i[5] == 2 * tm + 5  # inside the run of equal rows: its first row
+
+    same = np.broadcast_to(recon[:1], (777, k * k - 1))  # all rows equal, M not a multiple of 64
+    i, d = _both(kern, same, chunk_size=64)
+    assert (i[:-3] == 0).all() and (i[-3:] == -1).all()
+    i, d = _both(kern, recon[:1], chunk_size=64)  # M = 1
+    assert (i[:-3] == 0).all()
+    i, d = _both(kern, recon[:65], chunk_size=64)  # one row past a tile
+    ri, rd = nearest_codes_reference(kern, recon[:65])
+    np.testing.assert_allclose(d, rd, atol=1e-5, rtol=0)
+
+
+def test_pruned_bound_is_sound_and_prunes():
+    """Every sub-tile the bound drops holds no row within TIE_TOL of the kernel's lower bound (so
+    none that either method could pick), on the curve and on random rows; on the curve it drops
+    most of them."""
+    k = 7
+    for recon, must_prune in ((template_curve(k, 3000, seed=2), 0.8),
+                              (np.random.default_rng(1).standard_normal((500, 48)), 0.0)):
+        r_tiles = nearest._tiles(recon, 64)
+        tables = nearest.pruned_tables(r_tiles)
+        kern = curve_kernels(np.asarray(recon, np.float32), 300, seed=5)
+        x = preprocess.embed(jnp.asarray(kern))
+        reps = np.asarray(nearest._dot_t(x, tables.reps))
+        lb = reps.max(axis=1)
+        thr = lb - nearest.TIE_TOL - float(tables.thr_slack)
+        aug = jnp.concatenate([x, thr[:, None], np.sqrt((1 - thr) * (1 + thr))[:, None]], axis=1)
+        kept = np.asarray(nearest._dot_t(aug, tables.caps)) >= -float(tables.cap_slack)
+        rows = np.asarray(r_tiles, np.float64).reshape(-1, 48)
+        sims = np.asarray(x, np.float64) @ rows.T  # [N, M_pad]
+        sub = nearest._sub_rows(64)
+        best_in_sub = sims.reshape(len(kern), -1, sub).max(axis=2)
+        dropped = ~kept[:, :best_in_sub.shape[1]]
+        assert (best_in_sub[dropped] < np.broadcast_to(lb[:, None] - nearest.TIE_TOL,
+                                                       dropped.shape)[dropped]).all()
+        assert dropped.mean() >= must_prune, dropped.mean()
+
+
+def test_choose_method():
+    assert nearest.choose_method("gpu", 10 ** 6, 10_000, 0.01) == "brute"
+    assert nearest.choose_method("tpu", 10 ** 6, 10_000) == "brute"
+    assert nearest.choose_method("cpu", 10 ** 6, 1000, 0.01) == "brute"
+    assert nearest.choose_method("cpu", 10 ** 6, 10_000, 1.5) == "brute"
+    assert nearest.choose_method("cpu", 10, 10_000, 0.01) == "pruned"
+    lines = []
+    recon = template_curve(5, 10_000)
+    nearest.nearest_codes(curve_kernels(recon, 8), recon, log=lines.append)
+    assert len(lines) == 1 and "pruned" in lines[0] and jax.default_backend() == "cpu"
