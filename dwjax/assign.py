@@ -68,8 +68,11 @@ class AutoencoderClassifier:
         # label dictionary: the classes, then the two verdicts that are not a class
         self.label_names = templates.class_names(k) + [UNCLUSTERED, DEAD]
         self.code_label = labels_lib.label_index(self.labels, self.codes).astype(np.int32)
-        self.threshold, self.chunk_size = threshold, chunk_size
-        self.mesh = mesh_lib.local_mesh()
+        self.threshold = threshold
+        # This process's devices: each process of a multi-host job searches its own parts. One
+        # compiled shape for every call, so no answer depends on how the job was cut into parts.
+        self.search = nearest.Searcher(self.recon, k, mesh_lib.local_mesh(), chunk_size=chunk_size,
+                                       fixed_shape=True, log=log)
         with open(run.labels_json, "rb") as f:
             labels_sha = hashlib.sha256(f.read()).hexdigest()
         # the decoded codes identify the trained decoder (and the number of codes)
@@ -81,7 +84,7 @@ class AutoencoderClassifier:
     def __call__(self, kernels: np.ndarray) -> tuple[np.ndarray, ...]:
         """`[n, k, k]` → `(code [n] float64, dissimilarity [n] float32, clustered [n] bool,
         label_index [n] int32 into label_names)`; dead kernels get NaN code and dissimilarity."""
-        idx, dis = nearest.nearest_codes(kernels, self.recon, self.chunk_size, self.mesh)
+        idx, dis = self.search(kernels)
         live = idx >= 0
         safe = np.maximum(idx, 0)
         clustered = live & (dis < self.threshold)
@@ -315,6 +318,7 @@ def define_flags() -> None:
 def main(argv):
     del argv
     cli.setup()
+    cli.use_every_cpu_core()
     workdir = FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size or 5)
     with cli.user_errors("assign"):
         cli.init_distributed()

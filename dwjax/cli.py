@@ -74,6 +74,21 @@ def setup(uses_jax: bool = True) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+def use_every_cpu_core() -> None:
+    """On a CPU, one JAX device per core, for work split into per-device pieces (the nearest-code
+    search's shard_map): one CPU device runs such a loop on one core. A no-op where the device
+    count is already set (XLA_FLAGS) or the backend is started."""
+    import os
+
+    import jax
+
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        try:
+            jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+        except RuntimeError:  # backends already initialised
+            pass
+
+
 def define_distributed_flags() -> None:
     flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
                       "(auto-detects Cloud TPU pods and SLURM; else give the three flags below).")

@@ -561,7 +561,7 @@ def nearest_codes(kernels, recon, chunk_size: int = DEFAULT_CHUNK, mesh: Mesh | 
       chunk_size: kernels per compiled call (rounded up to a multiple of the device count × 8).
       mesh: a 1-axis mesh named "data" (default: mesh.data_mesh(), every device).
       method: "brute", "pruned" (same answer; see the module docstring) or "auto"
-        (`choose_method` for the mesh's backend, N, M and the rows' curve radius).
+        (`choose_method` for the mesh's backend, M and the rows' curve radius).
       tile_m: reconstructions per tile (default: `TILE_M` for the backend).
       inflight: chunks dispatched ahead of the one being read back.
       log: optional callable, given one line saying which method ran and why (for "auto").
@@ -569,65 +569,88 @@ def nearest_codes(kernels, recon, chunk_size: int = DEFAULT_CHUNK, mesh: Mesh | 
       `(idx [N] int32, dis [N] float32)`: index into recon (−1 for a dead kernel) and
       1 − max cosine (1.0 for a dead kernel).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    n = len(kernels)
     shape = tuple(kernels.shape[1:])
     k = int(round(np.sqrt(np.prod(shape))))
     if k * k != int(np.prod(shape)):
         raise ValueError(f"kernels must be [N, k, k]; got {kernels.shape}")
-    recon = np.asarray(recon, np.float32)
-    if recon.ndim != 2 or recon.shape[1] != k * k - 1 or len(recon) == 0:
-        raise ValueError(f"recon must be [M, {k * k - 1}] with M > 0; got {recon.shape}")
-    idx = np.empty(n, np.int32)
-    dis = np.empty(n, np.float32)
-    if n == 0:
-        return idx, dis
-    mesh = mesh_lib.data_mesh() if mesh is None else mesh
-    backend = mesh.devices.flat[0].platform
-    tile_m = default_tile_m(backend) if tile_m is None else int(tile_m)
-    rep = mesh_lib.replicated(mesh)
-    r_host = np.asarray(_tiles(recon, tile_m))  # local: the tables are built from it on the host
-    r_tiles = jax.device_put(r_host, rep)
-    tables = None
-    if method == "auto":
-        method = choose_method(backend, n, len(recon))
-        if method == "pruned":
-            tables = pruned_tables(r_host)
-            radius = float(tables.radius)
-            method = choose_method(backend, n, len(recon), radius)
-            why = f"median cap radius {radius:.3f} rad"
-        else:
-            why = f"backend {backend}, M = {len(recon)}"
-        if log is not None:
-            log(f"nearest_codes: {method} ({why}; N = {n}, tile_m = {tile_m})")
-    if method == "pruned" and tables is None:
-        tables = pruned_tables(r_host)
-    if method == "brute":
+    searcher = Searcher(recon, k, mesh, method=method, tile_m=tile_m, chunk_size=chunk_size,
+                        inflight=inflight, log=log)
+    return searcher(kernels)
+
+
+class Searcher:
+    """`nearest_codes` prepared once for many calls against the same reconstructions: the tiles,
+    the pruning tables and the method choice are built here, each call only streams kernels.
+
+    `fixed_shape=True` runs every call at the full `chunk_size` shape (padding small calls), so a
+    kernel's answer does not depend on how a job was cut into calls.
+    """
+
+    def __init__(self, recon, kernel_size: int, mesh: Mesh | None = None, *,
+                 method: str = "auto", tile_m: int | None = None,
+                 chunk_size: int = DEFAULT_CHUNK, inflight: int = 2, fixed_shape: bool = False,
+                 log=None):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        k = kernel_size
+        recon = np.asarray(recon, np.float32)
+        if recon.ndim != 2 or recon.shape[1] != k * k - 1 or len(recon) == 0:
+            raise ValueError(f"recon must be [M, {k * k - 1}] with M > 0; got {recon.shape}")
+        self.k, self.m, self.chunk_size, self.inflight = k, len(recon), chunk_size, inflight
+        self.fixed_shape = fixed_shape
+        self.mesh = mesh = mesh_lib.data_mesh() if mesh is None else mesh
+        backend = mesh.devices.flat[0].platform
+        self.tile_m = tile_m = default_tile_m(backend) if tile_m is None else int(tile_m)
+        rep = mesh_lib.replicated(mesh)
+        r_host = np.asarray(_tiles(recon, tile_m))  # the tables are built from it on the host
+        self.r_tiles = jax.device_put(r_host, rep)
         tables = None
-    else:
-        tables = jax.device_put(tables, rep)
-    basis = jax.device_put(preprocess.hyperplane_basis(k), rep)
-    fn = _compiled(mesh, len(recon), method)
-    c = _chunk_rows(n, chunk_size, mesh.size)
+        if method == "auto":
+            method = choose_method(backend, 0, self.m)
+            if method == "pruned":
+                tables = pruned_tables(r_host)
+                radius = float(tables.radius)
+                method = choose_method(backend, 0, self.m, radius)
+                why = f"median cap radius {radius:.3f} rad"
+            else:
+                why = f"backend {backend}, M = {self.m}"
+            if log is not None:
+                log(f"nearest-code search: {method} ({why}; tile_m = {tile_m}, "
+                    f"{mesh.size} device(s))")
+        if method == "pruned" and tables is None:
+            tables = pruned_tables(r_host)
+        self.method = method
+        self.tables = None if method == "brute" else jax.device_put(tables, rep)
+        self.basis = jax.device_put(preprocess.hyperplane_basis(k), rep)
+        self.fn = _compiled(mesh, self.m, method)
 
-    pending: collections.deque = collections.deque()
+    def __call__(self, kernels) -> tuple[np.ndarray, np.ndarray]:
+        """`[N, k, k]` → `(idx [N] int32, dis [N] float32)`, as `nearest_codes`."""
+        n, k = len(kernels), self.k
+        idx = np.empty(n, np.int32)
+        dis = np.empty(n, np.float32)
+        if n == 0:
+            return idx, dis
+        c = _chunk_rows(self.chunk_size if self.fixed_shape else n, self.chunk_size,
+                        self.mesh.size)
+        pending: collections.deque = collections.deque()
 
-    def drain():
-        start, rows, host, out = pending.popleft()
-        i_c, d_c, ratio = (np.asarray(o)[:rows] for o in out)
-        valid = _valid(ratio, host[:rows])
-        idx[start:start + rows] = np.where(valid, i_c, -1)
-        dis[start:start + rows] = np.where(valid, d_c, DEAD_DISSIMILARITY)
+        def drain():
+            start, rows, host, out = pending.popleft()
+            i_c, d_c, ratio = (np.asarray(o)[:rows] for o in out)
+            valid = _valid(ratio, host[:rows])
+            idx[start:start + rows] = np.where(valid, i_c, -1)
+            dis[start:start + rows] = np.where(valid, d_c, DEAD_DISSIMILARITY)
 
-    for start in range(0, n, c):
-        host = np.asarray(kernels[start:start + c], np.float32).reshape(-1, k, k)
-        rows = len(host)
-        if rows < c:  # pad the last chunk: one compiled shape; padded rows are dropped
-            host = np.concatenate([host, np.zeros((c - rows, k, k), np.float32)])
-        pending.append((start, rows, host, fn(_put(mesh, host), r_tiles, basis, tables)))
-        if len(pending) > inflight:
+        for start in range(0, n, c):
+            host = np.asarray(kernels[start:start + c], np.float32).reshape(-1, k, k)
+            rows = len(host)
+            if rows < c:  # pad the last chunk: one compiled shape; padded rows are dropped
+                host = np.concatenate([host, np.zeros((c - rows, k, k), np.float32)])
+            pending.append((start, rows, host, self.fn(_put(self.mesh, host), self.r_tiles,
+                                                       self.basis, self.tables)))
+            if len(pending) > self.inflight:
+                drain()
+        while pending:
             drain()
-    while pending:
-        drain()
-    return idx, dis
+        return idx, dis

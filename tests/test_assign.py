@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from dwjax.configs import train as train_configs
-from dwjax import assign, convert, labels as labels_lib, model as model_lib, nearest, shards, sources, spectrum
+from dwjax import assign, convert, labels as labels_lib, model as model_lib, shards, sources, spectrum
 from dwjax import templates, train, workdir as workdir_lib
 from tests.conftest import run_module
 from tests.helpers import make_data_dir
+from tests.reference import nearest_codes_reference
 
 QUIET = dict(log=lambda *_: None)
 
@@ -60,7 +61,7 @@ def test_assignment_rows_equal_brute_force(dog_run, tmp_path):
     model, _ = workdir_lib.load_model(workdir_lib.RunDir(workdir))
     codes, recon = model_lib.decode_codes(model, 10_000)
     shard = next(shards.iter_shards(d, 7))
-    ref_idx, ref_dis = nearest.nearest_codes_reference(shard.kernels, recon)
+    ref_idx, ref_dis = nearest_codes_reference(shard.kernels, recon)
     rows = _rows(workdir)
     np.testing.assert_allclose(rows["dissimilarity"].to_numpy(), ref_dis, atol=1e-5)
     np.testing.assert_allclose(rows["code"].to_numpy(), codes[ref_idx], atol=5.5e-4)  # ≤ 5 code steps
@@ -99,7 +100,7 @@ def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
                 for p in glob.glob(os.path.join(fresh, "assignments", "*.parquet"))}
 
     calls = []
-    real = assign.nearest.nearest_codes
+    real = assign.nearest.Searcher.__call__
 
     def dies_on_second_shard(*a, **kw):
         calls.append(1)
@@ -110,12 +111,12 @@ def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
     import shutil
 
     shutil.rmtree(os.path.join(fresh, "assignments"))
-    assign.nearest.nearest_codes = dies_on_second_shard
+    assign.nearest.Searcher.__call__ = dies_on_second_shard
     try:
         with pytest.raises(KeyboardInterrupt):
             assign.assign(fresh, d, **QUIET)
     finally:
-        assign.nearest.nearest_codes = real
+        assign.nearest.Searcher.__call__ = real
     assert len(glob.glob(os.path.join(fresh, "assignments", "*.parquet"))) == 1
     logs = []
     again = assign.assign(fresh, d, log=logs.append)
