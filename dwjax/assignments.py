@@ -135,7 +135,9 @@ class PartWriter:
         layer_pos = np.searchsorted(self.layer_ids, layer).astype(np.int32)
         label_index = np.asarray(label_index, np.int32)
         clustered = np.asarray(clustered, bool)
-        np.add.at(self.counts, (layer_pos, label_index), 1)
+        width = len(self.label_names)
+        self.counts += np.bincount(layer_pos.astype(np.int64) * width + label_index,
+                                   minlength=self.counts.size).reshape(self.counts.shape)
         self.clustered += np.bincount(layer_pos, weights=clustered,
                                       minlength=len(self.layer_ids)).astype(np.int64)
         cols = dict(layer=layer, layer_pos=layer_pos, channel=channel, code=code,
@@ -163,7 +165,10 @@ class PartWriter:
             "clustered": c["clustered"], "label": dictionary(c["label_index"], self.label_names),
             "total_activation": c["total_activation"], "norm": c["norm"]})
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="zstd")
+            # dictionary pages only where they pay: the numeric columns would spend most of the
+            # write time building dictionaries they then drop
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="zstd",
+                                            use_dictionary=["source", "layer_name", "label"])
         self._writer.write_table(table)
 
     def _write_csv(self, c: dict) -> None:

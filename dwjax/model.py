@@ -86,8 +86,14 @@ def merge(graphdef, params) -> Autoencoder:
 def decode_codes(model: Autoencoder, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
     """`(codes [M] float64 = linspace(0, 1, M), coords [M, k*k-1] float32 decoder outputs)`."""
     codes = np.linspace(0.0, 1.0, num_codes)
-    coords = np.asarray(model.decode(jnp.asarray(codes, jnp.float32)))
+    coords = np.asarray(_decode(model, jnp.asarray(codes, jnp.float32)))
     return codes, coords
+
+
+@nnx.jit
+def _decode(model: Autoencoder, codes: jax.Array) -> jax.Array:
+    # one compiled program (cached across runs) instead of an op-by-op dispatch of each layer
+    return model.decode(codes)
 
 
 def architecture(config) -> dict:
