@@ -1,13 +1,15 @@
 """Train config: `get_config("5")` for 5×5 kernels; 3 and 7 too, any other k derives from k.
 
 Used as `python -m dwjax.train --kernel_size=5` or `--config=configs/train.py:7`, with any field
-overridable: `--config.num_epochs=100 --config.batch_size=1024 --config.model.hidden="(512,256,128,64)"`.
+overridable: `--config.num_epochs=100 --config.batch_size=1024
+--config.model.hidden="(512,256,128,64)"`.
 """
 import ml_collections
 
 # Per-size choices; sizes not listed use the 7×7 row. On the embedded default (23,854 live 5×5
 # kernels) 200 epochs of batch 256 take ~22 s on 2 CPU cores and reach a mean dissimilarity of 0.174
-# (60 epochs: 0.200, still falling); on a million kernels fewer epochs suffice (--config.num_epochs).
+# (60 epochs: 0.200, still falling); on a million kernels fewer epochs suffice
+# (--config.num_epochs).
 _PER_SIZE = {
     3: dict(num_epochs=100, learning_rate=3e-3),
     5: dict(num_epochs=200, learning_rate=3e-3),

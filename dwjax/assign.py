@@ -10,8 +10,9 @@ the cluster id and the dissimilarity the distance to its centroid.
 Output (dwjax.assignments): one Parquet file of rows per shard, or per row range of a shard larger
 than `--part_size`, written as it streams and renamed into place when complete, so a killed job
 re-run skips finished parts and writes nothing twice; `_meta/settings.json` pins what they were made
-with. Read a whole job with `pd.read_parquet("<workdir>/assignments")`. `--num_workers/--worker_index`
-split a job over independent processes; `--distributed` over the hosts of one JAX job.
+with. Read a whole job with `pd.read_parquet("<workdir>/assignments")`.
+`--num_workers/--worker_index` split a job over independent processes; `--distributed` over the
+hosts of one JAX job.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def default_method(kernel_size: int) -> str:
 
 # ----------------------------------------------------------------------------- the two classifiers
 class AutoencoderClassifier:
-    """Nearest of `num_codes` decoded codes; labels from `<workdir>/labels.json` (proposed if absent)."""
+    """Nearest of `num_codes` decoded codes; labels from `<workdir>/labels.json` (proposed if
+    absent)."""
 
     def __init__(self, run: workdir_lib.RunDir, num_codes: int, threshold: float, chunk_size: int,
                  log: Callable[[str], None] = print):
@@ -119,7 +121,10 @@ class KMeansClassifier:
                 raise AssignError(f"--data_dir {data_dir}: {len(x)} live "
                                   f"{kernel_size}x{kernel_size} kernels, fewer than {n_clusters} "
                                   "clusters")
-            log(f"fitting k-means ({n_clusters} clusters) on {len(x):,} {kernel_size}x{kernel_size} kernels")
+            log(
+                f"fitting k-means ({n_clusters} clusters) on {len(x):,} "
+                f"{kernel_size}x{kernel_size} kernels"
+            )
             self.centroids, _ = kmeans.fit_kmeans(x, n_clusters, seed)
             names = self._names(self.centroids)
             atomic.save_npz(path, centroids=self.centroids, names=np.array(names))

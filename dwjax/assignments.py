@@ -4,8 +4,9 @@ summary. Written by `assign`, read by `report`.
 
     <shard dir>.k5x5.parquet              one part covering a whole shard: its rows (COLUMNS)
     <shard dir>.k5x5.r<start>-<stop>.parquet   one row range of a shard larger than a part
-    _meta/settings.json                   method, kernel size, threshold, … (changes need --overwrite)
-    _meta/<row file stem>.json            the part's statistics: source, shard sha256, data_dir,
+    _meta/settings.json                   method, kernel size, threshold, … (changes need
+    --overwrite) _meta/<row file stem>.json            the part's statistics: source, shard sha256,
+    data_dir,
                                           row range, counts per label, per layer likewise
     _meta/summary.json                    totals over every completed shard
 

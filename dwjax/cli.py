@@ -65,7 +65,9 @@ def setup(uses_jax: bool = True) -> None:
 
     # The cache only saves compile time: failing to write it (a full disk), or an entry torn by
     # one, costs a compile, not a warning.
-    warnings.filterwarnings("ignore", message="Error (writing|reading) persistent compilation cache")
+    warnings.filterwarnings(
+        "ignore", message="Error (writing|reading) persistent compilation cache"
+    )
 
     # A re-run (resume, another stage on the same run) skips compiles; library code leaves jax's
     # configuration alone.

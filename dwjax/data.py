@@ -2,7 +2,8 @@
 
 Kernels stay on disk (np.memmap); only the valid-kernel index (int64 per kernel) and one batch at a
 time are held in host memory, so a million kernels are not held twice. Every epoch is a fresh
-permutation drawn from (seed, epoch): a resumed run sees exactly the batches an uninterrupted one does.
+permutation drawn from (seed, epoch): a resumed run sees exactly the batches an uninterrupted one
+does.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ class KernelDataset:
     def gather(self, index: np.ndarray) -> np.ndarray:
         """Global indices `[..., B]` → kernels `[..., B, k, k]` float32, read from the memmaps.
 
-        Each batch (last axis) is sorted for locality: a batch's order does not change its mean loss.
-        One call reads a whole stack of batches (`[S, B]`), so the per-call cost is paid once.
+        Each batch (last axis) is sorted for locality: a batch's order does not change its mean
+        loss. One call reads a whole stack of batches (`[S, B]`), so the per-call cost is paid once.
         """
         index = np.sort(index, axis=-1)
         flat = index.reshape(-1)
@@ -68,7 +69,8 @@ class KernelDataset:
         return out.reshape(*index.shape, self.kernel_size, self.kernel_size)
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int):
-        """Yields `(step_in_epoch, global index [batch_size])`; the last partial batch is dropped."""
+        """Yields `(step_in_epoch, global index [batch_size])`; the last partial batch is
+        dropped."""
         order = np.random.default_rng([seed, epoch]).permutation(len(self.valid_index))
         for b in range(len(order) // batch_size):
             yield b, self.valid_index[order[b * batch_size:(b + 1) * batch_size]]

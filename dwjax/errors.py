@@ -20,5 +20,6 @@ class RunDirError(UserError):
 
 
 class CheckpointError(UserError):
-    """A checkpoint file (torch/safetensors weights, or the run's own orbax checkpoint) is unreadable
+    """A checkpoint file (torch/safetensors weights, or the run's own orbax checkpoint) is
+    unreadable
     or does not fit."""

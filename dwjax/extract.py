@@ -1,8 +1,9 @@
-"""Finds depthwise-convolution kernels in a state dict (by shape) or in a torch module (by structure).
+"""Finds depthwise-convolution kernels in a state dict (by shape) or in a torch module (by
+structure).
 
-A depthwise layer is a convolution with groups == in_channels > 1: one k×k kernel per output channel.
-Both routes return the same `DepthwiseLayer` list, in network order, so the kernels a checkpoint file
-yields without building a model are bitwise those the model walk yields.
+A depthwise layer is a convolution with groups == in_channels > 1: one k×k kernel per output
+channel. Both routes return the same `DepthwiseLayer` list, in network order, so the kernels a
+checkpoint file yields without building a model are bitwise those the model walk yields.
 """
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ class DepthwiseLayer:
 
 
 def is_depthwise_shape(shape: tuple[int, ...]) -> bool:
-    # [C, 1, kh, kw] with C > 1 and a spatial extent: 1×1 "depthwise" weights (RepViT's identity-like
-    # branches, layer scales stored as convs) carry no spatial pattern.
+    # [C, 1, kh, kw] with C > 1 and a spatial extent: 1×1 "depthwise" weights (RepViT's
+    # identity-like branches, layer scales stored as convs) carry no spatial pattern.
     return len(shape) == 4 and shape[0] > 1 and shape[1] == 1 and shape[2] * shape[3] > 1
 
 
 def layers_from_state(tensors: Mapping[str, LazyTensor]) -> list[DepthwiseLayer]:
-    """Depthwise layers of a checkpoint read lazily: only `[C,1,kh,kw]` `*.weight` tensors are loaded.
+    """Depthwise layers of a checkpoint read lazily: only `[C,1,kh,kw]` `*.weight` tensors are
+    loaded.
 
     Args:
       tensors: `{name: LazyTensor}` in file order (from `weight_files.open_checkpoint`).
@@ -71,10 +73,14 @@ def layers_from_module(model: Any) -> list[DepthwiseLayer]:
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Conv2d):
             continue
-        if not (mod.groups == mod.in_channels > 1) or not is_depthwise_shape(tuple(mod.weight.shape)):
+        if not (mod.groups == mod.in_channels > 1) or not is_depthwise_shape(
+            tuple(mod.weight.shape)
+        ):
             continue
         w = mod.weight.detach().to(torch.float32).cpu().numpy()
         stride = mod.stride[0] if mod.stride[0] == mod.stride[1] else -1
         dilation = mod.dilation[0] if mod.dilation[0] == mod.dilation[1] else -1
-        layers.append(DepthwiseLayer(len(layers), name, np.ascontiguousarray(w[:, 0]), stride, dilation))
+        layers.append(
+            DepthwiseLayer(len(layers), name, np.ascontiguousarray(w[:, 0]), stride, dilation)
+        )
     return layers

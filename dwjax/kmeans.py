@@ -1,4 +1,5 @@
-"""The paper's 3×3 path (§5, "Models with 3×3 kernels"): k-means, 10 clusters, min-max-encoded kernels.
+"""The paper's 3×3 path (§5, "Models with 3×3 kernels"): k-means, 10 clusters, min-max-encoded
+kernels.
 
     x = minmax_encode(kernels)[valid]          # [n, 9] in [0, 1], constant kernels dropped
     centroids, inertia = fit_kmeans(x, 10)     # k-means++ (seeded) then jitted Lloyd iterations
@@ -26,7 +27,8 @@ _HIGHEST = lax.Precision.HIGHEST
 
 
 def minmax_encode(kernels) -> np.ndarray:
-    """`[N, 3, 3]` (any k×k) → `[N, k*k]` float32, each kernel scaled to [0, 1] by its own min and max.
+    """`[N, 3, 3]` (any k×k) → `[N, k*k]` float32, each kernel scaled to [0, 1] by its own min and
+    max.
 
     Dead kernels (preprocess.valid_mask False: constant, so max == min) become all-zero rows; drop
     them with `encode_valid` or `x[preprocess.valid_mask(kernels)]` before fitting.
@@ -41,7 +43,8 @@ def minmax_encode(kernels) -> np.ndarray:
 
 
 def encode_valid(kernels) -> tuple[np.ndarray, np.ndarray]:
-    """`[N, k, k]` → `(x [n_valid, k*k] min-max codes, valid [N] bool)`: the dead kernels dropped."""
+    """`[N, k, k]` → `(x [n_valid, k*k] min-max codes, valid [N] bool)`: the dead kernels
+    dropped."""
     valid = preprocess.valid_mask(kernels)
     return minmax_encode(kernels)[valid], valid
 
@@ -55,7 +58,8 @@ def _sq_dist(x, c):
 
 
 def _chunked(x, chunk: int):
-    """`[N, D]` → (`[B, chunk, D]` zero-padded, `[B, chunk]` weights 1 for real rows, 0 for pads)."""
+    """`[N, D]` → (`[B, chunk, D]` zero-padded, `[B, chunk]` weights 1 for real rows, 0 for
+    pads)."""
     n = x.shape[0]
     pad = (-n) % chunk
     w = jnp.concatenate([jnp.ones((n,), x.dtype), jnp.zeros((pad,), x.dtype)])
@@ -84,7 +88,8 @@ def _lloyd_stats(xb, wb, centroids):
 def _kmeans_pp(x, key, n_clusters: int):
     """k-means++ seeding: `[N, D]` → `[K, D]`. Each next centre is drawn with probability ∝ D²
     (squared distance to the nearest chosen centre) by Gumbel-max: argmax(log D² + Gumbel). Points
-    already chosen have D² = 0 → log 0 = −inf, so centres are distinct when x has ≥ K distinct rows."""
+    already chosen have D² = 0 → log 0 = −inf, so centres are distinct when x has ≥ K distinct
+    rows."""
     n = x.shape[0]
     k0, key = jax.random.split(key)
     first = jax.random.randint(k0, (), 0, n)
@@ -127,7 +132,8 @@ def _lloyd(x, init, max_iter, tol, chunk: int):
 
 @jax.jit
 def _assign_block(x, centroids):
-    """`[C, D]`, `[K, D]` → `(cluster [C] int32, distance [C] float32)`; ties → lowest cluster id."""
+    """`[C, D]`, `[K, D]` → `(cluster [C] int32, distance [C] float32)`; ties → lowest cluster
+    id."""
     d2 = _sq_dist(x, centroids)
     a = jnp.argmin(d2, axis=1).astype(jnp.int32)
     return a, jnp.sqrt(jnp.maximum(jnp.take_along_axis(d2, a[:, None], axis=1)[:, 0], 0.0))

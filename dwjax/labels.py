@@ -1,21 +1,23 @@
-"""Code-interval labels: the labels file, code → class lookup, and the automatic labeller (paper §4.2).
+"""Code-interval labels: the labels file, code → class lookup, and the automatic labeller (paper
+§4.2).
 
 The autoencoder maps every kernel to a scalar code in [0, 1]; the paper decodes a spectrum of evenly
-spaced codes, looks at it and labels intervals of the code axis by hand. Here `propose_labels` proposes
-those intervals by matching each decoded kernel against the DoG-family template bank
+spaced codes, looks at it and labels intervals of the code axis by hand. Here `propose_labels`
+proposes those intervals by matching each decoded kernel against the DoG-family template bank
 (dwjax.templates); a person may then edit the file.
 
 Labels file (JSON)::
 
     {"kernel_size": 7,
-     "intervals": [{"start": 0.0, "end": 0.12, "label": "On-Centre", "auto": true, "score": 0.97}, ...]}
+     "intervals": [{"start": 0.0, "end": 0.12, "label": "On-Centre", "auto": true, "score": 0.97},
+     ...]}
 
-Intervals are half-open ``[start, end)`` (the one ending at 1.0 also holds 1.0), inside [0, 1], sorted
-and non-overlapping; touching is fine, gaps are unlabelled. ``label`` must be one of
-``templates.class_names(kernel_size)``. ``auto`` (default false) marks machine-proposed intervals and
-``score`` (default null) is the run's mean best cosine similarity to the bank; both may be omitted in
-hand-written files. A code in no interval is "Others": in the paper, a kernel that reconstructs well
-but whose pattern is not one of the named clusters.
+Intervals are half-open ``[start, end)`` (the one ending at 1.0 also holds 1.0), inside [0, 1],
+sorted and non-overlapping; touching is fine, gaps are unlabelled. ``label`` must be one of
+``templates.class_names(kernel_size)``. ``auto`` (default false) marks machine-proposed intervals
+and ``score`` (default null) is the run's mean best cosine similarity to the bank; both may be
+omitted in hand-written files. A code in no interval is "Others": in the paper, a kernel that
+reconstructs well but whose pattern is not one of the named clusters.
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ import numpy as np
 from dwjax import atomic, model as model_lib, preprocess, templates
 from dwjax.errors import UserError
 
-# Least cosine similarity to the best template for a decoded code to be labelled. Mirrors the paper's
-# reconstruction thresholds (dissimilarity 0.3 for 7×7, 0.2 for 5×5: "lower dimensional spaces tend to
-# have closer vectors angularly"). They sit well above chance: the best match of an isotropic random
-# kernel against the bank has 99.9th percentile ≈ 0.56 (7×7), 0.73 (5×5), while 95% of off-grid bank
-# patterns with heavy noise (amplitude SNR 2) still score ≥ 0.85. For 3×3 chance reaches 0.95, so
-# template labelling is nearly meaningless there (the paper uses k-means instead); 0.9 is only a guard.
+# Least cosine similarity to the best template for a decoded code to be labelled. Mirrors the
+# paper's reconstruction thresholds (dissimilarity 0.3 for 7×7, 0.2 for 5×5: "lower dimensional
+# spaces tend to have closer vectors angularly"). They sit well above chance: the best match of an
+# isotropic random kernel against the bank has 99.9th percentile ≈ 0.56 (7×7), 0.73 (5×5), while 95%
+# of off-grid bank patterns with heavy noise (amplitude SNR 2) still score ≥ 0.85. For 3×3 chance
+# reaches 0.95, so template labelling is nearly meaningless there (the paper uses k-means instead);
+# 0.9 is only a guard.
 DEFAULT_MIN_SIMILARITY = {3: 0.9, 5: 0.8, 7: 0.7}
 # Runs shorter than this many consecutive codes are noise: at 500 spectrum codes, 3 codes = 0.6% of
 # the axis, far below any cluster the paper labels.
@@ -54,7 +57,8 @@ _OPTIONAL = {"auto": False, "score": None}
 
 
 def default_min_similarity(kernel_size: int) -> float:
-    """`DEFAULT_MIN_SIMILARITY` for k; larger kernels than 7 use the 7×7 value (chance only drops)."""
+    """`DEFAULT_MIN_SIMILARITY` for k; larger kernels than 7 use the 7×7 value (chance only
+    drops)."""
     return DEFAULT_MIN_SIMILARITY.get(kernel_size, 0.7)
 
 
@@ -107,8 +111,15 @@ def validate_labels(labels: Any, kernel_size: int | None = None, source: str = "
             raise bad(f"interval {i}: auto must be true/false")
         if iv["score"] is not None and not _is_number(iv["score"]):
             raise bad(f"interval {i}: score must be a finite number or null")
-        out.append({"start": float(iv["start"]), "end": float(iv["end"]), "label": iv["label"],
-                    "auto": iv["auto"], "score": None if iv["score"] is None else float(iv["score"])})
+        out.append(
+            {
+                "start": float(iv["start"]),
+                "end": float(iv["end"]),
+                "label": iv["label"],
+                "auto": iv["auto"],
+                "score": None if iv["score"] is None else float(iv["score"]),
+            }
+        )
     out.sort(key=lambda iv: iv["start"])
     for a, b in zip(out, out[1:]):
         if b["start"] < a["end"]:
@@ -118,7 +129,9 @@ def validate_labels(labels: Any, kernel_size: int | None = None, source: str = "
 
 
 def load_labels(path: str | os.PathLike, kernel_size: int) -> dict:
-    """Read and validate a labels file. Raises a one-line LabelsError naming ``path`` if it is bad."""
+    """Read and validate a labels file. Raises a one-line LabelsError naming ``path`` if it is
+    bad."""
+
     def _no_constant(name: str):  # NaN / Infinity are not JSON
         raise ValueError(f"non-finite constant {name}")
 
@@ -174,9 +187,11 @@ def match_templates(decoded, kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Best template class and its cosine similarity for each kernel.
 
     Args:
-      decoded: ``[M, k, k]`` kernels (any scale/offset; centred and normalised by `preprocess.embed`).
+      decoded: ``[M, k, k]`` kernels (any scale/offset; centred and normalised by
+      `preprocess.embed`).
     Returns:
-      class_index ``[M]`` int64 into ``class_names(k)`` (−1 for a dead kernel), similarity ``[M]`` float32.
+      class_index ``[M]`` int64 into ``class_names(k)`` (−1 for a dead kernel), similarity ``[M]``
+      float32.
     """
     decoded = np.asarray(decoded, np.float32).reshape(-1, kernel_size, kernel_size)
     bank, bank_class, _ = templates.template_bank(kernel_size)
@@ -220,9 +235,9 @@ def propose_labels(
 
     Each decoded kernel gets its best template's class (`match_templates`); codes whose best cosine
     similarity is below ``min_similarity`` stay unlabelled. Runs shorter than ``min_run`` codes are
-    noise: absorbed into the surrounding run if both sides agree, else unlabelled. Every code owns the
-    cell between the midpoints to its neighbours (the first from 0.0, the last to 1.0), so the intervals
-    of a run are the union of its cells: they tile the axis without overlap.
+    noise: absorbed into the surrounding run if both sides agree, else unlabelled. Every code owns
+    the cell between the midpoints to its neighbours (the first from 0.0, the last to 1.0), so the
+    intervals of a run are the union of its cells: they tile the axis without overlap.
 
     Args:
       decoded: ``[M, k, k]`` decoder outputs for ``codes``.
@@ -230,7 +245,8 @@ def propose_labels(
       min_similarity: default `default_min_similarity(kernel_size)`.
       min_run: shortest run of codes kept as its own interval.
     Returns:
-      A labels dict (see module doc), ``auto: true``, ``score`` = the run's mean best similarity (4 d.p.).
+      A labels dict (see module doc), ``auto: true``, ``score`` = the run's mean best similarity (4
+      d.p.).
     """
     codes = np.asarray(codes, np.float64).reshape(-1)
     decoded = np.asarray(decoded, np.float32).reshape(-1, kernel_size, kernel_size)

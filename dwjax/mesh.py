@@ -29,7 +29,8 @@ def steps_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def shard_steps(mesh: Mesh, host_array: np.ndarray) -> jax.Array:
-    """This process's rows `[S, B_local, ...]` of S global batches → a global `[S, B, ...]` array."""
+    """This process's rows `[S, B_local, ...]` of S global batches → a global `[S, B, ...]`
+    array."""
     sharding = steps_sharded(mesh)
     if jax.process_count() == 1:
         return jax.device_put(host_array, sharding)

@@ -21,8 +21,14 @@ PRECISION = jax.lax.Precision.HIGHEST
 class Autoencoder(nnx.Module):
     """dim → hidden[0] → … → hidden[-1] → 1 (sigmoid) → hidden[-1] → … → hidden[0] → dim (tanh)."""
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (256, 128, 64, 32), negative_slope: float = 0.01,
-                 *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (256, 128, 64, 32),
+        negative_slope: float = 0.01,
+        *,
+        rngs: nnx.Rngs,
+    ):
         widths = [dim, *hidden]
         self.negative_slope = negative_slope
 

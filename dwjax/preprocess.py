@@ -15,7 +15,8 @@ import numpy as np
 from jax import lax
 
 # Centred norm below this fraction of the raw norm: a dead or constant kernel (EfficientNet-Lite has
-# all-zero channels). Relative, so a·x keeps its verdict; 1e-5 is ~100× float32 rounding of a constant.
+# all-zero channels). Relative, so a·x keeps its verdict; 1e-5 is ~100× float32 rounding of a
+# constant.
 DEAD_RELATIVE_NORM = 1e-5
 # Every dot product in float32 at full precision: TPU/GPU would otherwise run them as bf16 passes
 # and assign kernels differently from CPU.
@@ -54,7 +55,8 @@ def hyperplane_basis(kernel_size: int) -> np.ndarray:
 
 
 def centre_and_normalise(kernels):
-    """`[N, k, k]` or `[N, k*k]` → `[N, k*k]` centred unit vectors (zero vector for a dead kernel)."""
+    """`[N, k, k]` or `[N, k*k]` → `[N, k*k]` centred unit vectors (zero vector for a dead
+    kernel)."""
     flat = jnp.reshape(kernels, (kernels.shape[0], -1)).astype(jnp.float32)
     centred = flat - jnp.mean(flat, axis=1, keepdims=True)
     norm = jnp.linalg.norm(centred, axis=1, keepdims=True)
@@ -96,7 +98,8 @@ def normalise_rows(x):
 
 
 def centred_cosine_dissimilarity_pixels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Reference in pixel space, numpy float64: 1 − cos(a − mean a, b − mean b), `[N, k, k]` → `[N]`."""
+    """Reference in pixel space, numpy float64: 1 − cos(a − mean a, b − mean b), `[N, k, k]` →
+    `[N]`."""
     a = np.asarray(a, np.float64).reshape(len(a), -1)
     b = np.asarray(b, np.float64).reshape(len(b), -1)
     a = a - a.mean(1, keepdims=True)

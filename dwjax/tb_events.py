@@ -1,8 +1,8 @@
 """TensorBoard-readable scalar summaries without tensorflow or tensorboardX.
 
 An event file is a TFRecord stream of `Event` protocol buffers: each record is
-`uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)`. A scalar event is
-`Event{wall_time=1: double, step=2: int64, summary=5: Summary{value=1: Value{tag=1: string,
+`uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)`. A scalar event
+is `Event{wall_time=1: double, step=2: int64, summary=5: Summary{value=1: Value{tag=1: string,
 simple_value=2: float}}}`; the first event of a file carries `file_version=3: "brain.Event:2"`.
 The few protobuf fields needed are encoded by hand (they never change), so `tensorboard --logdir
 <workdir>/tensorboard` shows the training curves with no extra dependency.
@@ -62,7 +62,9 @@ def scalar_event(tag: str, value: float, step: int, wall_time: float) -> bytes:
 
 def _record(data: bytes) -> bytes:
     header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
+    return (
+        header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
+    )
 
 
 class ScalarWriter:
@@ -72,7 +74,9 @@ class ScalarWriter:
     def __init__(self, logdir: str):
         os.makedirs(logdir, exist_ok=True)
         now = time.time()
-        self.path = os.path.join(logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}")
+        self.path = os.path.join(
+            logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
+        )
         self._f = open(self.path, "ab")
         version = _field(1, 1) + struct.pack("<d", now) + _bytes_field(3, b"brain.Event:2")
         self._f.write(_record(version))
@@ -88,7 +92,8 @@ class ScalarWriter:
 
 
 def read_scalars(path: str) -> list[tuple[str, float, int]]:
-    """Parses an event file written by ScalarWriter back into `(tag, value, step)`, checking CRCs."""
+    """Parses an event file written by ScalarWriter back into `(tag, value, step)`, checking
+    CRCs."""
     out = []
     with open(path, "rb") as f:
         data = f.read()

@@ -1,33 +1,39 @@
-"""The DoG-family template bank: class names, analytic kernels, the labeller's bank and the DoG init.
+"""The DoG-family template bank: class names, analytic kernels, the labeller's bank and the DoG
+init.
 
 One module for every stage that needs "what an On-Centre kernel looks like": the automatic labeller
-(dwjax.labels), the figures, and the paper's DoG initialisation (appendix F). Pure numpy: the math is
-float64, every returned kernel is float32.
+(dwjax.labels), the figures, and the paper's DoG initialisation (appendix F). Pure numpy: the math
+is float64, every returned kernel is float32.
 
-Grid and orientation. A k×k kernel is indexed ``[row, col]``; the grid is centred, ``x = col − (k−1)/2``
-grows left→right and ``y = row − (k−1)/2`` grows top→bottom (image convention). Distances are pixels.
+Grid and orientation. A k×k kernel is indexed ``[row, col]``; the grid is centred, ``x = col −
+(k−1)/2`` grows left→right and ``y = row − (k−1)/2`` grows top→bottom (image convention). Distances
+are pixels.
 
-Sign conventions (paper §4.2: "DoG(x, y) appears as an On-Centre pattern, −DoG(x, y) as Off-Centre; ...
-the Off-Centre and On-Centre first and second-order derivatives of these DoG functions"):
+Sign conventions (paper §4.2: "DoG(x, y) appears as an On-Centre pattern, −DoG(x, y) as Off-Centre;
+... the Off-Centre and On-Centre first and second-order derivatives of these DoG functions"):
 
 * ``DoG = G(σ_c) − G(σ_s)`` with normalised Gaussians and σ_c < σ_s: positive centre = On-Centre.
-* A derivative is "On-Centre" when it is a derivative of +DoG and "Off-Centre" when it is a derivative of
-  −DoG. So ``∂DoG/∂x`` (positive lobe on the LEFT, negative on the right, since the On-Centre peak falls
-  off towards +x) is "On-Centre 1st derivative (x)" and its negation (positive lobe on the right) is
-  "Off-Centre 1st derivative (x)"; likewise ``∂DoG/∂y`` (positive lobe on TOP) is "On-Centre 1st
-  derivative (y)". For 1st derivatives, On/Off is therefore a polarity (which side is bright), not a
-  centre sign. ``∂²DoG/∂x²``, ``∂²DoG/∂y²`` and ``∂²DoG/∂x∂y`` are "On-Centre 2nd derivative" (note:
-  the On-Centre xx/yy derivative has a NEGATIVE centre line, being the curvature of a peak) and their
-  negations "Off-Centre 2nd derivative". Appendix A: 2 DoGs × 2 axes = 4 first-order and
-  2 × 3 = 6 second-order derivatives.
-* Cross (appendix B): ``exp(−x²/2σ²) + exp(−y²/2σ²)`` is On-Centre Cross, its negation Off-Centre Cross.
-* Square (§5, appendix D, 5×5 only): a solid block displaced from the centre towards the upper-left or
+* A derivative is "On-Centre" when it is a derivative of +DoG and "Off-Centre" when it is a
+derivative of
+  −DoG. So ``∂DoG/∂x`` (positive lobe on the LEFT, negative on the right, since the On-Centre peak
+  falls off towards +x) is "On-Centre 1st derivative (x)" and its negation (positive lobe on the
+  right) is "Off-Centre 1st derivative (x)"; likewise ``∂DoG/∂y`` (positive lobe on TOP) is
+  "On-Centre 1st derivative (y)". For 1st derivatives, On/Off is therefore a polarity (which side is
+  bright), not a centre sign. ``∂²DoG/∂x²``, ``∂²DoG/∂y²`` and ``∂²DoG/∂x∂y`` are "On-Centre 2nd
+  derivative" (note: the On-Centre xx/yy derivative has a NEGATIVE centre line, being the curvature
+  of a peak) and their negations "Off-Centre 2nd derivative". Appendix A: 2 DoGs × 2 axes = 4
+  first-order and 2 × 3 = 6 second-order derivatives.
+* Cross (appendix B): ``exp(−x²/2σ²) + exp(−y²/2σ²)`` is On-Centre Cross, its negation Off-Centre
+Cross.
+* Square (§5, appendix D, 5×5 only): a solid block displaced from the centre towards the upper-left
+or
   bottom-right corner; positive block = On-Square, negative = Off-Square.
 
 The ten 7×7 classes. The paper labels "the 10 most prevalent clusters" (Fig 3) and merges "the four
 first derivative subtypes" into one bar (Fig 7). The four subtypes are appendix A's four first-order
-derivatives ({On, Off} × {x, y}), which with On/Off-Centre, On/Off-Centre Cross and On/Off-Centre 2nd
-derivative makes ten. `base_class` drops the orientation, `merged_class` merges all four (Fig 7).
+derivatives ({On, Off} × {x, y}), which with On/Off-Centre, On/Off-Centre Cross and On/Off-Centre
+2nd derivative makes ten. `base_class` drops the orientation, `merged_class` merges all four (Fig
+7).
 """
 from __future__ import annotations
 
@@ -66,7 +72,8 @@ PAPER_INIT_MIX: Mapping[str, float] = {
     "second_derivative": 0.10,
 }
 
-# Surround/centre σ ratios: 1.6 is the classic Marr–Hildreth DoG≈LoG ratio; 3.0 a weak, wide surround.
+# Surround/centre σ ratios: 1.6 is the classic Marr–Hildreth DoG≈LoG ratio; 3.0 a weak, wide
+# surround.
 SURROUND_RATIOS = (1.6, 3.0)
 # Appendix B (Fig 15) draws the cross for σ in 0.4..0.8 on a 7×7 grid; up to 1.0 adds wider arms.
 CROSS_SIGMA_RANGE = (0.4, 1.0)
@@ -74,37 +81,41 @@ N_SIGMAS = 8  # σ values per family in the bank; adjacent templates have centre
 
 
 def class_names(kernel_size: int) -> list[str]:
-    """Label vocabulary for ``kernel_size``: the ten DoG-family classes (+ squares for 5×5), then "Others"."""
+    """Label vocabulary for ``kernel_size``: the ten DoG-family classes (+ squares for 5×5), then
+    "Others"."""
     _check_size(kernel_size)
     squares = SQUARE_CLASS_NAMES if kernel_size in SQUARE_KERNEL_SIZES else ()
     return [*CLASS_NAMES, *squares, OTHERS]
 
 
 def base_class(name: str) -> str:
-    """Drop the 1st-derivative orientation: "On-Centre 1st derivative (x)" → "On-Centre 1st derivative"."""
+    """Drop the 1st-derivative orientation: "On-Centre 1st derivative (x)" → "On-Centre 1st
+    derivative"."""
     return name.removesuffix(" (x)").removesuffix(" (y)")
 
 
 def merged_class(name: str) -> str:
-    """Fig 7 grouping: the four 1st-derivative subtypes → "1st derivative"; other names unchanged."""
+    """Fig 7 grouping: the four 1st-derivative subtypes → "1st derivative"; others unchanged."""
     return FIRST_DERIVATIVE if "1st derivative" in name else name
 
 
 def sigma_range(kernel_size: int) -> tuple[float, float]:
-    """(lo, hi) centre σ in pixels for DoG and its derivatives (the bank's grid and the init's range).
+    """(lo, hi) centre σ in pixels for DoG and its derivatives (the bank's grid and the init's
+    range).
 
-    lo = 0.55 px: below it the DoG is a one-pixel spike, its 2nd derivatives collapse onto that spike
-    (cosine 0.93 with the opposite-sign DoG at σ_c = 0.45) and the surround's derivative outweighs the
-    centre's one pixel out (∂²/∂x∂y flips polarity at σ_c = 0.45, σ_s = 1.6·σ_c). hi = 0.5·(k−1)/2 keeps
-    the centre lobe and a 2nd derivative's flanks inside the kernel: 1.5 px for 7×7, 1.0 px for 5×5;
-    clamped to ≥ 0.7 so 3×3 still gets a range.
+    lo = 0.55 px: below it the DoG is a one-pixel spike, its 2nd derivatives collapse onto that
+    spike
+    (cosine 0.93 with the opposite-sign DoG at σ_c = 0.45) and the surround's derivative outweighs
+    the centre's one pixel out (∂²/∂x∂y flips polarity at σ_c = 0.45, σ_s = 1.6·σ_c). hi =
+    0.5·(k−1)/2 keeps the centre lobe and a 2nd derivative's flanks inside the kernel: 1.5 px for
+    7×7, 1.0 px for 5×5; clamped to ≥ 0.7 so 3×3 still gets a range.
     """
     _check_size(kernel_size)
     return 0.55, max(0.7, 0.25 * (kernel_size - 1))
 
 
 def sigma_grid(kernel_size: int) -> np.ndarray:
-    """``[N_SIGMAS]`` bank centre σ: geometric over `sigma_range`, since small σ change shape fastest."""
+    """``[N_SIGMAS]`` bank centre σ: geometric over `sigma_range` (small σ change shape fastest)."""
     return np.geomspace(*sigma_range(kernel_size), N_SIGMAS)
 
 
@@ -117,7 +128,7 @@ def cross_sigma_grid() -> np.ndarray:
 
 
 def _grid(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Centred float64 coordinates ``(x, y)``, each ``[k, k]``; x = column offset, y = row offset."""
+    """Centred float64 coordinates ``(x, y)``, each ``[k, k]``; x: column offset, y: row offset."""
     c = (k - 1) / 2.0
     y, x = np.mgrid[0:k, 0:k].astype(np.float64) - c
     return x, y
@@ -151,7 +162,7 @@ def _check_sigmas(sigma_c: float, sigma_s: float | None) -> float:
 
 
 def dog(k: int, sigma_c: float, sigma_s: float | None = None) -> np.ndarray:
-    """``[k, k]`` float32 On-Centre DoG ``G(σ_c) − G(σ_s)`` (σ_s defaults to 1.6·σ_c). Off = −dog."""
+    """``[k, k]`` float32 On-Centre DoG ``G(σ_c) − G(σ_s)`` (σ_s defaults to 1.6·σ_c); Off: −dog."""
     return _dog64(k, sigma_c, _check_sigmas(sigma_c, sigma_s)).astype(np.float32)
 
 
@@ -231,12 +242,13 @@ def evaluate(family: str, x, y, sigma_c: float | None = None, sigma_s: float | N
 
 
 def square(k: int, size: int, corner: str = "upper-left") -> np.ndarray:
-    """``[k, k]`` On-Square: a solid ``size×size`` block of ones on zeros, displaced towards ``corner``.
+    """``[k, k]`` On-Square: a solid ``size×size`` block of ones on zeros, displaced towards
+    ``corner``.
 
     The block is placed one step off-centre: its centre sits at (k−1)/2 − ½ px (even size) or − 1 px
-    (odd size) along both axes for "upper-left" (mirrored for "bottom-right"), e.g. on 5×5 size 2 covers
-    rows/cols 1..2, size 3 covers 0..2 and size 4 covers 0..3. Only k ≥ 5 (a 3×3 has no room for an
-    off-centre block larger than the centre pixel). Off-Square = −square.
+    (odd size) along both axes for "upper-left" (mirrored for "bottom-right"), e.g. on 5×5 size 2
+    covers rows/cols 1..2, size 3 covers 0..2 and size 4 covers 0..3. Only k ≥ 5 (a 3×3 has no room
+    for an off-centre block larger than the centre pixel). Off-Square = −square.
     """
     if k < 5:
         raise ValueError(f"square kernels need kernel_size >= 5, got {k}")
@@ -261,10 +273,12 @@ def template_bank(kernel_size: int) -> tuple[np.ndarray, np.ndarray, list[dict]]
     Returns:
       kernels: ``[T, k, k]`` float32, raw (not centred; callers embed with `preprocess.embed`).
       class_index: ``[T]`` int64 index into ``class_names(kernel_size)`` (never "Others").
-      params: ``T`` dicts: ``family`` ('dog', 'dog_dx', 'dog_dy', 'dog_dxx', 'dog_dyy', 'dog_dxy', 'cross',
+      params: ``T`` dicts: ``family`` ('dog', 'dog_dx', 'dog_dy', 'dog_dxx', 'dog_dyy', 'dog_dxy',
+      'cross',
         'square'), ``sign`` (+1 On / −1 Off) and the family's σ / size / corner values.
 
-    Centre σ: `sigma_grid(k)`, each with σ_s/σ_c in `SURROUND_RATIOS`; cross σ: `cross_sigma_grid()`;
+    Centre σ: `sigma_grid(k)`, each with σ_s/σ_c in `SURROUND_RATIOS`; cross σ:
+    `cross_sigma_grid()`;
     squares (5×5 only) of sizes 2..k−1 at both corners. Templates with ~0 centred norm
     (`preprocess.valid_mask`) are dropped.
     """
@@ -306,7 +320,7 @@ def template_bank(kernel_size: int) -> tuple[np.ndarray, np.ndarray, list[dict]]
             [p for p, kp in zip(params, keep) if kp])
 
 
-# -------------------------------------------------------------------------------- DoG initialisation
+# ------------------------------------------------------------------------------ DoG initialisation
 
 
 def _allocate(n: int, mix: Mapping[str, float]) -> np.ndarray:
@@ -321,7 +335,7 @@ def _allocate(n: int, mix: Mapping[str, float]) -> np.ndarray:
 def sample_dog_init_labelled(
     n: int, kernel_size: int, rng, mix: Mapping[str, float] = PAPER_INIT_MIX
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`sample_dog_init`, also returning each kernel's family ``[n]`` str and class name ``[n]`` str."""
+    """`sample_dog_init`, also returning each kernel's family and class name (``[n]`` str each)."""
     if set(mix) - set(PAPER_INIT_MIX):
         raise ValueError(f"unknown mix keys {sorted(set(mix) - set(PAPER_INIT_MIX))}; "
                          f"allowed {sorted(PAPER_INIT_MIX)}")
@@ -333,7 +347,8 @@ def sample_dog_init_labelled(
     families = np.repeat(np.asarray(list(mix)), _allocate(n, mix))
     families = families[rng.permutation(n)]
 
-    # Draw every random quantity for every kernel (fixed draw order ⇒ seed-deterministic), then pick.
+    # Draw every random quantity for every kernel (a fixed draw order: seed-deterministic), then
+    # pick.
     sc = rng.uniform(lo, hi, n)[:, None, None]
     ratio = rng.uniform(*SURROUND_RATIOS, n)[:, None, None]
     cross_sigma = rng.uniform(*CROSS_SIGMA_RANGE, n)[:, None, None]
@@ -379,11 +394,12 @@ def sample_dog_init(
 ) -> np.ndarray:
     """``[n, k, k]`` float32 kernels drawn as the paper's DoG initialisation (appendix F).
 
-    Families in exact proportions (largest-remainder counts, then a seeded shuffle): 45% On-Centre DoG,
-    10% Off-Centre DoG, 15% cross (sign ±1 at random), 20% 1st derivative (axis x/y and On/Off at random),
-    10% 2nd derivative (xx/yy/xy and On/Off at random). "Random variances similar to trained kernels":
-    σ_c ~ U(`sigma_range(k)`), σ_s/σ_c ~ U(`SURROUND_RATIOS`), cross σ ~ U(`CROSS_SIGMA_RANGE`) — the
-    bank's ranges. Each kernel has unit L2 norm (mean kept); multiply by the initialiser's scale.
+    Families in exact proportions (largest-remainder counts, then a seeded shuffle): 45% On-Centre
+    DoG, 10% Off-Centre DoG, 15% cross (sign ±1 at random), 20% 1st derivative (axis x/y and On/Off
+    at random), 10% 2nd derivative (xx/yy/xy and On/Off at random). "Random variances similar to
+    trained kernels": σ_c ~ U(`sigma_range(k)`), σ_s/σ_c ~ U(`SURROUND_RATIOS`), cross σ ~
+    U(`CROSS_SIGMA_RANGE`) — the bank's ranges. Each kernel has unit L2 norm (mean kept); multiply
+    by the initialiser's scale.
 
     Args:
       rng: a `np.random.Generator` or an int seed (same seed ⇒ same kernels).
@@ -393,5 +409,7 @@ def sample_dog_init(
 
 
 def _check_size(kernel_size: int) -> None:
-    if not (isinstance(kernel_size, (int, np.integer)) and kernel_size >= 3 and kernel_size % 2 == 1):
+    if not (
+        isinstance(kernel_size, (int, np.integer)) and kernel_size >= 3 and kernel_size % 2 == 1
+    ):
         raise ValueError(f"kernel_size must be an odd int >= 3, got {kernel_size!r}")

@@ -169,8 +169,9 @@ def main(argv):
 def run() -> None:
     # --kernel_size picks the config file's argument (configs/train.py:K), so it is parsed, by
     # absl, before the --config flag is defined with that default.
-    flags.DEFINE_integer("kernel_size", None, "Kernel size k; picks configs/train.py:k (default 5).",
-                         lower_bound=2)
+    flags.DEFINE_integer(
+        "kernel_size", None, "Kernel size k; picks configs/train.py:k (default 5).", lower_bound=2
+    )
     try:
         FLAGS(sys.argv, known_only=True)
     except flags.Error as e:

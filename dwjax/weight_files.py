@@ -1,14 +1,15 @@
 """Lazy, torch-free readers for published weight files (PyTorch and safetensors checkpoints).
 
-`open_checkpoint(path)` returns `{name: LazyTensor}` for a `.safetensors`, a zip-format `.pth/.pt/.bin`
+`open_checkpoint(path)` returns `{name: LazyTensor}` for a `.safetensors`, a zip-format
+`.pth/.pt/.bin`
 (torch >= 1.6) or a legacy-format `.pth` (torch < 1.6). Nothing is read until `LazyTensor.load()` is
 called, and then only that tensor's bytes, through `np.memmap`: a multi-GB checkpoint yields its few
-depthwise kernels in about a second and with little memory, and no torch install is needed (the Colab
-TPU user converts without it).
+depthwise kernels in about a second and with little memory, and no torch install is needed (the
+Colab TPU user converts without it).
 
-Why not `torch.load(mmap=True)`: it still needs torch, still unpickles every tensor object, and cannot
-read the legacy format lazily. The pickle is read with a restricted unpickler that builds only dicts,
-lists and tensor stubs, never arbitrary callables (like `weights_only=True`).
+Why not `torch.load(mmap=True)`: it still needs torch, still unpickles every tensor object, and
+cannot read the legacy format lazily. The pickle is read with a restricted unpickler that builds
+only dicts, lists and tensor stubs, never arbitrary callables (like `weights_only=True`).
 """
 from __future__ import annotations
 
@@ -30,9 +31,16 @@ from dwjax.errors import CheckpointError  # noqa: F401  (raised here; importers 
 
 # torch storage class name -> numpy dtype. bfloat16 is read as uint16 and widened on load.
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 _SAFETENSORS_DTYPES = {
     "F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": "bfloat16", "I64": np.int64,
@@ -67,18 +75,24 @@ class LazyTensor:
             storage = np.memmap(self.path, dtype=dt, mode="r", offset=self.file_offset,
                                 shape=(self.storage_numel,))
         except (ValueError, OSError) as e:  # offset/size beyond the end of file
-            raise CheckpointError(f"{self.path}: truncated or corrupt (tensor data out of range: {e})")
+            raise CheckpointError(
+                f"{self.path}: truncated or corrupt (tensor data out of range: {e})"
+            )
         shape = tuple(self.shape)
         if self.stride is None:
             n = int(np.prod(shape, dtype=np.int64))
             flat = storage[self.storage_offset:self.storage_offset + n]
             if flat.size != n:
-                raise CheckpointError(f"{self.path}: truncated or corrupt (tensor shorter than its shape)")
+                raise CheckpointError(
+                    f"{self.path}: truncated or corrupt (tensor shorter than its shape)"
+                )
             arr = np.array(flat).reshape(shape)
         else:
             need = self.storage_offset + sum((s - 1) * st for s, st in zip(shape, self.stride)) + 1
             if min(shape, default=1) > 0 and need > self.storage_numel:
-                raise CheckpointError(f"{self.path}: truncated or corrupt (tensor beyond its storage)")
+                raise CheckpointError(
+                    f"{self.path}: truncated or corrupt (tensor beyond its storage)"
+                )
             view = np.lib.stride_tricks.as_strided(
                 storage[self.storage_offset:], shape=shape,
                 strides=tuple(s * dt.itemsize for s in self.stride))
@@ -98,7 +112,9 @@ def _read_safetensors(path: str) -> dict[str, LazyTensor]:
         f.seek(0, 2)
         size = f.tell()
         if n > size - 8:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header length {n})")
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors file (header length {n})"
+            )
         f.seek(8)
         try:
             header = json.loads(f.read(n))
@@ -108,7 +124,8 @@ def _read_safetensors(path: str) -> dict[str, LazyTensor]:
     out = {}
     # safetensors stores tensors sorted by dtype and name, not in network order: "blocks.10" would
     # come before "blocks.2". Natural order (numeric parts as numbers) restores the order of
-    # nn.Sequential indices, so a .safetensors yields its layers in the order a .pth or the model walk does.
+    # nn.Sequential indices, so a .safetensors yields its layers in the order a .pth or the model
+    # walk does.
     for name in sorted((k for k in header if k != "__metadata__"), key=_natural_key):
         info = header[name]
         dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
@@ -116,7 +133,9 @@ def _read_safetensors(path: str) -> dict[str, LazyTensor]:
             continue
         begin, end = info["data_offsets"]
         if base + end > size:
-            raise CheckpointError(f"{path}: truncated safetensors file (tensor {name} ends past the file)")
+            raise CheckpointError(
+                f"{path}: truncated safetensors file (tensor {name} ends past the file)"
+            )
         numel = (end - begin) // _np_dtype(dtype).itemsize
         out[name] = LazyTensor(path, dtype, tuple(info["shape"]), base + begin, numel)
     return out
@@ -205,7 +224,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _select_weights(obj: Any) -> Any:
-    """Training checkpoints wrap the weights (`{'state_dict': ..., 'optimizer': ...}`); the optimizer
+    """Training checkpoints wrap the weights (`{'state_dict': ..., 'optimizer': ...}`); the
+    optimizer
     moments have the kernels' shapes too, so take only the weights."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "module", "net"):
@@ -275,7 +295,9 @@ def _read_torch_zip(path: str) -> dict[str, LazyTensor]:
                 name_len, extra_len = struct.unpack("<HH", local[26:30])
                 st.file_offset = info.header_offset + 30 + name_len + extra_len
     except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, struct.error) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt torch zip checkpoint ({type(e).__name__}: {e})")
+        raise CheckpointError(
+            f"{path}: truncated or corrupt torch zip checkpoint ({type(e).__name__}: {e})"
+        )
     out: dict[str, LazyTensor] = {}
     _to_lazy(path, _select_weights(obj), out)
     return out
@@ -292,7 +314,9 @@ def _read_torch_legacy(path: str) -> dict[str, LazyTensor]:
             obj = _RestrictedUnpickler(f, storages, legacy=True).load()
             keys = pickle.load(f)
         except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path}: truncated or corrupt torch checkpoint ({type(e).__name__}: {e})")
+            raise CheckpointError(
+                f"{path}: truncated or corrupt torch checkpoint ({type(e).__name__}: {e})"
+            )
         offset = f.tell()
         f.seek(0, 2)
         size = f.tell()
@@ -335,9 +359,24 @@ def open_checkpoint(path: str) -> dict[str, LazyTensor]:
             return _read_torch_legacy(path)
     except CheckpointError:
         raise
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, MemoryError,
-            RecursionError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
+    except (
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        struct.error,
+    ) as e:
         # corrupt headers/pickles fail in many ways (a missing key, a bad utf-8 name, a huge frame)
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
-    raise CheckpointError(f"{path}: unknown checkpoint format (not safetensors, torch zip or torch legacy)")
-
+        raise CheckpointError(
+            f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (not safetensors, torch zip or torch legacy)"
+    )

@@ -8,7 +8,9 @@ import pytest
 # Tests never touch the user's ~/dwjax.
 os.environ.setdefault("DWJAX_HOME", os.path.join(os.path.dirname(__file__), ".dwjax_test_home"))
 # Many tests train the same small shapes, in-process and in subprocesses: share compiled programs.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["DWJAX_HOME"], "xla_cache"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["DWJAX_HOME"], "xla_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
@@ -29,7 +31,9 @@ def default_run_k5(embedded_dir, tmp_path_factory):
     from dwjax import train
 
     workdir = str(tmp_path_factory.mktemp("run_k5"))
-    return train.train_and_evaluate(train_configs.get_config("5"), workdir, embedded_dir, log=lambda *_: None)
+    return train.train_and_evaluate(
+        train_configs.get_config("5"), workdir, embedded_dir, log=lambda *_: None
+    )
 
 
 def run_module(module, *args, env=None, timeout=600):

@@ -1,4 +1,5 @@
-"""Spectrum, labels and assignment end to end: reference equality, synthetic DoG recovery, trained vs
+"""Spectrum, labels and assignment end to end: reference equality, synthetic DoG recovery, trained
+vs
 untrained, per-shard resume and one-line refusals of inconsistent workdirs."""
 import glob
 import json
@@ -8,7 +9,15 @@ import numpy as np
 import pytest
 
 from dwjax.configs import train as train_configs
-from dwjax import assign, convert, labels as labels_lib, model as model_lib, shards, sources, spectrum
+from dwjax import (
+    assign,
+    convert,
+    labels as labels_lib,
+    model as model_lib,
+    shards,
+    sources,
+    spectrum,
+)
 from dwjax import templates, train, workdir as workdir_lib
 from tests.conftest import run_module
 from tests.helpers import make_data_dir
@@ -28,7 +37,9 @@ def dog_run(tmp_path_factory):
     """A 7×7 autoencoder trained on synthetic DoG-family kernels (paper appendix F's mix)."""
     rng = np.random.default_rng(0)
     kernels, _, classes = templates.sample_dog_init_labelled(6000, 7, rng)
-    noisy = kernels + 0.02 * rng.normal(size=kernels.shape) * np.abs(kernels).max(axis=(1, 2), keepdims=True)
+    noisy = kernels + 0.02 * rng.normal(size=kernels.shape) * np.abs(kernels).max(
+        axis=(1, 2), keepdims=True
+    )
     tmp = tmp_path_factory.mktemp("dog")
     d = make_data_dir(tmp, {"dogs": noisy.astype(np.float32)})
     c = train_configs.get_config("7")
@@ -55,7 +66,8 @@ def test_assignment_rows_equal_brute_force(dog_run, tmp_path):
     """The CSV written for a shard is the numpy float64 brute force over the 10,000 decoded codes.
 
     Neighbouring decoded codes differ by ~1e-6 in cosine, so float32 may pick a neighbour of the
-    float64 argmax: the dissimilarity must agree to 1e-5 and the code to a few steps (the exact-index
+    float64 argmax: the dissimilarity must agree to 1e-5 and the code to a few steps (the
+    exact-index
     check on well-separated random data is in test_nearest)."""
     workdir, d, _ = dog_run
     model, _ = workdir_lib.load_model(workdir_lib.RunDir(workdir))
@@ -64,9 +76,13 @@ def test_assignment_rows_equal_brute_force(dog_run, tmp_path):
     ref_idx, ref_dis = nearest_codes_reference(shard.kernels, recon)
     rows = _rows(workdir)
     np.testing.assert_allclose(rows["dissimilarity"].to_numpy(), ref_dis, atol=1e-5)
-    np.testing.assert_allclose(rows["code"].to_numpy(), codes[ref_idx], atol=5.5e-4)  # ≤ 5 code steps
+    np.testing.assert_allclose(
+        rows["code"].to_numpy(), codes[ref_idx], atol=5.5e-4
+    )  # ≤ 5 code steps
     assert (np.abs(rows["code"].to_numpy() - codes[ref_idx]) < 1e-6).mean() > 0.7
-    assert (rows["clustered"].to_numpy() == (ref_dis < 0.3)).mean() > 0.999  # ties at the threshold only
+    assert (
+        rows["clustered"].to_numpy() == (ref_dis < 0.3)
+    ).mean() > 0.999  # ties at the threshold only
 
 
 def test_trained_kernels_cluster_far_more_than_random_init(default_run_k5, embedded_dir, tmp_path):
@@ -76,10 +92,17 @@ def test_trained_kernels_cluster_far_more_than_random_init(default_run_k5, embed
     spectrum.run_spectrum(workdir, **QUIET)
     trained = assign.assign(workdir, embedded_dir, **QUIET)
     random_dir = str(tmp_path / "random")
-    convert.convert(random_dir, [sources.timm_source(f"efficientnet_lite{i}", False, 0) for i in range(3)], **QUIET)
+    convert.convert(
+        random_dir,
+        [sources.timm_source(f"efficientnet_lite{i}", False, 0) for i in range(3)],
+        **QUIET,
+    )
     assert shards.count_kernels(random_dir, 5) == 23856  # the same 5×5 shapes as the real ones
     untrained = assign.assign(workdir, random_dir, overwrite=True, **QUIET)
-    print(f"clustered: trained {trained['clustered_fraction']:.1%}, random init {untrained['clustered_fraction']:.1%}")
+    print(
+        f"clustered: trained {trained['clustered_fraction']:.1%}, "
+        f"random init {untrained['clustered_fraction']:.1%}"
+    )
     assert trained["clustered_fraction"] > 0.5
     assert untrained["clustered_fraction"] < 0.1
     assert trained["clustered_fraction"] > 5 * untrained["clustered_fraction"]
@@ -145,15 +168,25 @@ def test_inconsistent_workdirs_get_one_line_errors(dog_run, tmp_path):
         os.link(os.path.join(workdir, f), os.path.join(bad, f))
     os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(bad, "checkpoints"))
     with open(os.path.join(bad, "labels.json"), "w") as f:
-        json.dump({"kernel_size": 7, "intervals": [{"start": 0.0, "end": 0.5, "label": "On-Centre"},
-                                                   {"start": 0.4, "end": 0.9, "label": "Off-Centre"}]}, f)
+        json.dump(
+            {
+                "kernel_size": 7,
+                "intervals": [
+                    {"start": 0.0, "end": 0.5, "label": "On-Centre"},
+                    {"start": 0.4, "end": 0.9, "label": "Off-Centre"},
+                ],
+            },
+            f,
+        )
     assert "overlap" in fails(f"--workdir={bad}", f"--data_dir={d}")
     assert not os.path.exists(os.path.join(bad, "assignments"))
     # missing checkpoint
     os.remove(os.path.join(bad, "checkpoints"))
     assert "no checkpoint" in fails(f"--workdir={bad}", f"--data_dir={d}")
     # a data dir without 7×7 kernels
-    d5 = make_data_dir(tmp_path / "five", {"five": np.random.default_rng(0).normal(size=(10, 5, 5))})
+    d5 = make_data_dir(
+        tmp_path / "five", {"five": np.random.default_rng(0).normal(size=(10, 5, 5))}
+    )
     assert "no 7x7 kernels" in fails(f"--workdir={workdir}", f"--data_dir={d5}")
 
 
@@ -193,7 +226,8 @@ def test_report_tables_match_the_assignments(dog_run):
 
 
 def test_kmeans_path_for_3x3(embedded_dir, tmp_path):
-    """The paper's 3×3 path: 10 k-means clusters on min-max-encoded kernels, no training run needed."""
+    """The paper's 3×3 path: 10 k-means clusters on min-max-encoded kernels, no training run
+    needed."""
     workdir = str(tmp_path / "k3")
     logs = []
     summary = assign.assign(workdir, embedded_dir, kernel_size=3, log=logs.append)
@@ -201,7 +235,11 @@ def test_kmeans_path_for_3x3(embedded_dir, tmp_path):
     rows = _rows(workdir)
     assert len(rows) == summary["kernels"] == 16544
     live = rows[rows["label"] != "Dead"]
-    assert len(live) == 16532 and live["clustered"].all() and set(live["code"].astype(int)) == set(range(10))
+    assert (
+        len(live) == 16532
+        and live["clustered"].all()
+        and set(live["code"].astype(int)) == set(range(10))
+    )
     assert summary["clustered"] == 16532
     # every kernel's code is its nearest centroid
     from dwjax import kmeans
@@ -212,7 +250,9 @@ def test_kmeans_path_for_3x3(embedded_dir, tmp_path):
     x = kmeans.minmax_encode(kernels)
     d = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
     live_mask = rows["label"].to_numpy() != "Dead"
-    np.testing.assert_array_equal(d[live_mask].argmin(1), rows["code"].to_numpy()[live_mask].astype(int))
+    np.testing.assert_array_equal(
+        d[live_mask].argmin(1), rows["code"].to_numpy()[live_mask].astype(int)
+    )
     assert sum(n.startswith("On-Centre") or n.startswith("Off-Centre") for n in names) >= 2
     # the centroids are kept: a second job (another data dir) does not refit
     logs.clear()

@@ -17,7 +17,14 @@ from dwjax import convert as convert_mod
 from dwjax import shards
 from dwjax.extract import layers_from_module, layers_from_state
 from dwjax.weight_files import open_checkpoint
-from dwjax.sources import EMBEDDED, SourceError, checkpoint_source, embedded_sources, npz_source, timm_source
+from dwjax.sources import (
+    EMBEDDED,
+    SourceError,
+    checkpoint_source,
+    embedded_sources,
+    npz_source,
+    timm_source,
+)
 
 timm = pytest.importorskip("timm")
 
@@ -26,8 +33,13 @@ QUIET = dict(log=lambda *_: None)
 
 def run_convert(*args, timeout=300):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "dwjax.convert", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dwjax.convert", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def walk_counts(model):
@@ -78,7 +90,9 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_counts_random_init(tmp_path, name):
-    manifest = convert_mod.convert(str(tmp_path / "data"), [timm_source(name, pretrained=False, seed=0)], **QUIET)
+    manifest = convert_mod.convert(
+        str(tmp_path / "data"), [timm_source(name, pretrained=False, seed=0)], **QUIET
+    )
     (entry,) = manifest["sources"]
     want_kernels, want_layers = EXPECTED[name]
     assert entry["counts"] == want_kernels
@@ -88,7 +102,9 @@ def test_counts_random_init(tmp_path, name):
     src = read_json(str(tmp_path / "data" / entry["dir"] / "source.json"))
     assert dict(collections.Counter(l["size"] for l in src["layers"])) == want_layers
     for key, n in want_kernels.items():
-        assert np.load(str(tmp_path / "data" / entry["dir"] / f"k{key}.npy"), mmap_mode="r").shape == (n, *map(int, key.split("x")))
+        assert np.load(
+            str(tmp_path / "data" / entry["dir"] / f"k{key}.npy"), mmap_mode="r"
+        ).shape == (n, *map(int, key.split("x")))
     torch.manual_seed(0)
     assert walk_counts(timm.create_model(name, pretrained=False)) == (want_kernels, want_layers)
 
@@ -97,17 +113,26 @@ def test_resnet18_cli_reports_no_depthwise(tmp_path):
     data = str(tmp_path / "data")
     r = run_convert("--models=resnet18", "--pretrained=false", f"--data_dir={data}")
     assert r.returncode == 0, r.stderr
-    assert any("resnet18" in line and "no depthwise convolutions" in line for line in r.stdout.splitlines()), r.stdout
+    assert any(
+        "resnet18" in line and "no depthwise convolutions" in line for line in r.stdout.splitlines()
+    ), r.stdout
     manifest = read_json(os.path.join(data, "manifest.json"))
     (entry,) = manifest["sources"]
-    assert (entry["id"], entry["counts"], entry["num_layers"], entry["files"]) == ("resnet18:random-seed0", {}, 0, {})
+    assert (entry["id"], entry["counts"], entry["num_layers"], entry["files"]) == (
+        "resnet18:random-seed0",
+        {},
+        0,
+        {},
+    )
     assert manifest["totals"] == {}
 
 
-# ----------------------------------------------------------------------------- 2. model route == file route
+# ----------------------------------------------------------------------------- 2. model route ==
+# file route
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
-    """mixnet_s (MixedConv2d splits) and efficientnet_b0, seed 1, with their files in both formats."""
+    """mixnet_s (MixedConv2d splits) and efficientnet_b0, seed 1, with their files in both
+    formats."""
     d = tmp_path_factory.mktemp("models")
     out = {}
     for name in ("mixnet_s", "efficientnet_b0"):
@@ -126,13 +151,17 @@ def saved_models(tmp_path_factory):
 def test_model_route_equals_file_route(saved_models, name, fmt):
     model, paths = saved_models[name]
     walked = layers_from_module(model)
-    from_file = checkpoint_source(paths[fmt]).load()             # by shape, no model built
-    via_timm = timm_source(name, True, 0, checkpoint=paths[fmt]).load()  # timm builds + loads the file
+    from_file = checkpoint_source(paths[fmt]).load()  # by shape, no model built
+    via_timm = timm_source(
+        name, True, 0, checkpoint=paths[fmt]
+    ).load()  # timm builds + loads the file
     assert_same_layers(walked, from_file)
     assert_same_layers(walked, via_timm)
     assert layer_counts(walked) == EXPECTED.get(name, layer_counts(walked))
     if name == "mixnet_s":
-        assert "blocks.2.0.conv_dw.0" in [l.name for l in walked]  # the MixedConv2d splits, named apart
+        assert "blocks.2.0.conv_dw.0" in [
+            l.name for l in walked
+        ]  # the MixedConv2d splits, named apart
     torch.manual_seed(0)
     seed0 = layers_from_module(timm.create_model(name, pretrained=False))
     assert not np.array_equal(seed0[0].kernels, walked[0].kernels)
@@ -142,7 +171,9 @@ def test_both_routes_write_identical_shards(tmp_path, saved_models):
     _, paths = saved_models["mixnet_s"]
     d1, d2 = str(tmp_path / "a"), str(tmp_path / "b")
     m1 = convert_mod.convert(d1, [checkpoint_source(paths["safetensors"])], **QUIET)
-    m2 = convert_mod.convert(d2, [timm_source("mixnet_s", True, 0, checkpoint=paths["pth"])], **QUIET)
+    m2 = convert_mod.convert(
+        d2, [timm_source("mixnet_s", True, 0, checkpoint=paths["pth"])], **QUIET
+    )
     (e1,), (e2,) = m1["sources"], m2["sources"]
     assert e1["files"] == e2["files"]  # every k*.npy and k*.meta.npy: same sha256
     assert e1["counts"] == e2["counts"] == EXPECTED["mixnet_s"][0]
@@ -150,25 +181,35 @@ def test_both_routes_write_identical_shards(tmp_path, saved_models):
     l2 = read_json(os.path.join(d2, e2["dir"], "source.json"))["layers"]
     strip = lambda ls: [(l["layer"], l["name"], l["size"], l["channels"]) for l in ls]
     assert strip(l1) == strip(l2)
-    assert {l["stride"] for l in l1} == {-1} and {l["stride"] for l in l2} <= {1, 2}  # unknown without the model
+    assert {l["stride"] for l in l1} == {-1} and {l["stride"] for l in l2} <= {
+        1,
+        2,
+    }  # unknown without the model
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_route_order_with_ten_plus_blocks(tmp_path, fmt):
-    """A stage of 12 blocks: safetensors files list "blocks.10" before "blocks.2"; the layers must still
+    """A stage of 12 blocks: safetensors files list "blocks.10" before "blocks.2"; the layers must
+    still
     come out in network order (failed for .safetensors before the fix)."""
     torch.manual_seed(0)
     model = timm.create_model("convnextv2_atto", pretrained=False, depths=(1, 1, 12, 1)).eval()
     path = str(tmp_path / f"m.{fmt}")
-    save_file(model.state_dict(), path) if fmt == "safetensors" else torch.save(model.state_dict(), path)
+    save_file(model.state_dict(), path) if fmt == "safetensors" else torch.save(
+        model.state_dict(), path
+    )
     walked = layers_from_module(model)
-    assert [l.name for l in walked][2:5] == ["stages.2.blocks.0.conv_dw", "stages.2.blocks.1.conv_dw",
-                                             "stages.2.blocks.2.conv_dw"]
+    assert [l.name for l in walked][2:5] == [
+        "stages.2.blocks.0.conv_dw",
+        "stages.2.blocks.1.conv_dw",
+        "stages.2.blocks.2.conv_dw",
+    ]
     assert_same_layers(walked, checkpoint_source(path).load())
 
 
 def test_shipped_mobilenet_v2_matches_torchvision_walk():
-    """The legacy-format MobileNetV2 file, read without torch, against torchvision's model loaded with it."""
+    """The legacy-format MobileNetV2 file, read without torch, against torchvision's model loaded
+    with it."""
     tv = pytest.importorskip("torchvision")
     slug, package, rel = next(e[:3] for e in EMBEDDED if e[0] == "mobilenet-v2")
     (src,) = [s for s in embedded_sources() if s.id == slug]
@@ -180,7 +221,8 @@ def test_shipped_mobilenet_v2_matches_torchvision_walk():
     assert layer_counts(walked) == ({"3x3": 7136}, {"3x3": 17})
 
 
-# ----------------------------------------------------------------------------- 4. the embedded default
+# ----------------------------------------------------------------------------- 4. the embedded
+# default
 def centre_argmax_fraction(kernels):
     k = kernels.shape[-1]
     flat = np.abs(np.asarray(kernels).reshape(len(kernels), -1))
@@ -200,10 +242,16 @@ def test_embedded_default_counts(embedded_cli):
     assert "efficientnet-lite0: 5x5: 6,336, 3x3: 2,624 kernels in 16 depthwise layers" in r.stdout
     manifest = read_json(os.path.join(data, "manifest.json"))
     by_id = {e["id"]: e for e in manifest["sources"]}
-    assert sorted(by_id) == ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "mobilenet-v2"]
+    assert sorted(by_id) == [
+        "efficientnet-lite0",
+        "efficientnet-lite1",
+        "efficientnet-lite2",
+        "mobilenet-v2",
+    ]
     assert by_id["efficientnet-lite0"]["counts"] == {"3x3": 2624, "5x5": 6336}
     assert by_id["efficientnet-lite0"]["num_layers"] == 16
-    # the others, each equal to the walk of timm's efficientnet_lite1/2 and torchvision's mobilenet_v2
+    # the others, each equal to the walk of timm's efficientnet_lite1/2 and torchvision's
+    # mobilenet_v2
     assert by_id["efficientnet-lite1"]["counts"] == {"3x3": 3248, "5x5": 8400}
     assert by_id["efficientnet-lite2"]["counts"] == {"3x3": 3536, "5x5": 9120}
     assert by_id["mobilenet-v2"]["counts"] == {"3x3": 7136}
@@ -214,21 +262,31 @@ def test_embedded_default_counts(embedded_cli):
     for fname, info in by_id["efficientnet-lite0"]["files"].items():
         assert shards.sha256_file(os.path.join(lite0, fname)) == info["sha256"]
     meta = np.load(os.path.join(lite0, "k5x5.meta.npy"))
-    table = [l for l in read_json(os.path.join(lite0, "source.json"))["layers"] if l["size"] == "5x5"]
+    table = [
+        l for l in read_json(os.path.join(lite0, "source.json"))["layers"] if l["size"] == "5x5"
+    ]
     want_layer = np.concatenate([np.full(l["channels"], l["layer"]) for l in table])
     want_channel = np.concatenate([np.arange(l["channels"]) for l in table])
-    assert np.array_equal(meta["layer"], want_layer) and np.array_equal(meta["channel"], want_channel)
+    assert np.array_equal(meta["layer"], want_layer) and np.array_equal(
+        meta["channel"], want_channel
+    )
 
 
 def test_embedded_default_is_trained(embedded_cli):
-    """Trained 5×5 kernels peak at the centre tap (measured: 0.497 of Lite0's 6,336) far more often than
-    the 1/25 = 0.04 of chance; a random-init efficientnet_lite0 sits at chance (measured 0.038..0.042
-    over seeds 0-4). With n = 6,336 the binomial sd at p = 0.04 is 0.0025: 0.25 is > 80 sd above
+    """Trained 5×5 kernels peak at the centre tap (measured: 0.497 of Lite0's 6,336) far more often
+    than the 1/25 = 0.04 of chance; a random-init efficientnet_lite0 sits at chance (measured
+    0.038..0.042 over seeds 0-4). With n = 6,336 the binomial sd at p = 0.04 is 0.0025: 0.25 is > 80
+    sd above
     chance and the random band ±0.01 is 4 sd."""
     data, _ = embedded_cli
     trained = centre_argmax_fraction(np.load(os.path.join(data, "efficientnet-lite0", "k5x5.npy")))
-    random_k5 = np.concatenate([l.kernels for l in timm_source("efficientnet_lite0", False, 0).load()
-                                if l.size_key == "5x5"])
+    random_k5 = np.concatenate(
+        [
+            l.kernels
+            for l in timm_source("efficientnet_lite0", False, 0).load()
+            if l.size_key == "5x5"
+        ]
+    )
     assert len(random_k5) == 6336
     rand = centre_argmax_fraction(random_k5)
     assert trained > 0.25
@@ -248,7 +306,8 @@ def bad_files(tmp_path_factory, saved_models):
         open(p, "wb").write(data[: len(data) // 2])
         out[f"random_{fmt}"] = p = str(d / f"random.{fmt}")
         open(p, "wb").write(rng.bytes(100_000))
-    # opens fine, but a depthwise tensor's shape claims more bytes than its data: found only by load()
+    # opens fine, but a depthwise tensor's shape claims more bytes than its data: found only by
+    # load()
     data = open(saved_models["mixnet_s"][1]["safetensors"], "rb").read()
     n = int.from_bytes(data[:8], "little")
     header = data[8:8 + n].replace(b'"blocks.0.0.conv_dw.weight":{"dtype":"F32","shape":[16,1,3,3]',
@@ -261,7 +320,11 @@ def bad_files(tmp_path_factory, saved_models):
     np.savez(out.setdefault("npz_4d", str(d / "four_d.npz")), kernels=k[:, None])
     np.savez(out.setdefault("npz_no_kernels", str(d / "no_kernels.npz")), weights=k)
     np.savez(out.setdefault("npz_empty", str(d / "empty.npz")), kernels=k[:0])
-    np.savez(out.setdefault("npz_bad_layer", str(d / "bad_layer.npz")), kernels=k, layer=np.zeros(9, np.int32))
+    np.savez(
+        out.setdefault("npz_bad_layer", str(d / "bad_layer.npz")),
+        kernels=k,
+        layer=np.zeros(9, np.int32),
+    )
     k_nan, k_inf = k.copy(), k.copy()
     k_nan[3, 2, 2] = np.nan
     k_inf[7, 0, 4] = -np.inf
@@ -279,14 +342,34 @@ def bad_files(tmp_path_factory, saved_models):
 BAD_INPUTS = {
     # case: (flags, the input the message must name, and a word it must contain)
     "missing_checkpoint": (["--checkpoint={missing}"], "{missing}", "no such file"),
-    "missing_checkpoint_with_model": (["--models=mixnet_s", "--checkpoint={missing}"], "{missing}", "no such file"),
+    "missing_checkpoint_with_model": (
+        ["--models=mixnet_s", "--checkpoint={missing}"],
+        "{missing}",
+        "no such file",
+    ),
     "truncated_pth": (["--checkpoint={truncated_pth}"], "{truncated_pth}", "corrupt"),
-    "truncated_safetensors": (["--checkpoint={truncated_safetensors}"], "{truncated_safetensors}", "truncated"),
-    "truncated_pth_via_timm": (["--models=mixnet_s", "--checkpoint={truncated_pth}"], "{truncated_pth}", "corrupt"),
+    "truncated_safetensors": (
+        ["--checkpoint={truncated_safetensors}"],
+        "{truncated_safetensors}",
+        "truncated",
+    ),
+    "truncated_pth_via_timm": (
+        ["--models=mixnet_s", "--checkpoint={truncated_pth}"],
+        "{truncated_pth}",
+        "corrupt",
+    ),
     "random_pth": (["--checkpoint={random_pth}"], "{random_pth}", "unknown checkpoint format"),
-    "random_safetensors": (["--checkpoint={random_safetensors}"], "{random_safetensors}", "corrupt"),
+    "random_safetensors": (
+        ["--checkpoint={random_safetensors}"],
+        "{random_safetensors}",
+        "corrupt",
+    ),
     "bad_shape_found_at_load": (["--checkpoint={bad_shape}"], "{bad_shape}", "corrupt"),
-    "unknown_timm_name": (["--models=not_a_model", "--pretrained=false"], "not_a_model", "unknown timm model"),
+    "unknown_timm_name": (
+        ["--models=not_a_model", "--pretrained=false"],
+        "not_a_model",
+        "unknown timm model",
+    ),
     "npz_2d": (["--kernels_npz={npz_2d}"], "{npz_2d}", "[N,k,k]"),
     "npz_4d": (["--kernels_npz={npz_4d}"], "{npz_4d}", "[N,k,k]"),
     "npz_no_kernels": (["--kernels_npz={npz_no_kernels}"], "{npz_no_kernels}", "no 'kernels'"),
@@ -297,7 +380,11 @@ BAD_INPUTS = {
     "not_npz": (["--kernels_npz={not_npz}"], "{not_npz}", "not a readable .npz"),
     "missing_npz": (["--kernels_npz={missing}"], "{missing}", "no such file"),
     # a good npz listed after a bad checkpoint: nothing at all may be written
-    "good_npz_bad_checkpoint": (["--kernels_npz={good_npz}", "--checkpoint={random_pth}"], "{random_pth}", "unknown"),
+    "good_npz_bad_checkpoint": (
+        ["--kernels_npz={good_npz}", "--checkpoint={random_pth}"],
+        "{random_pth}",
+        "unknown",
+    ),
 }
 
 
@@ -346,7 +433,8 @@ import os, signal, sys
 import numpy as np
 from dwjax import convert, sources
 data_dir, kill_at, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-srcs = [sources.npz_source(f) if f.endswith(".npz") else sources.checkpoint_source(f) for f in files]
+srcs = [sources.npz_source(f) if f.endswith(".npz") else sources.checkpoint_source(f)
+        for f in files]
 calls = [0]
 real_save = np.save
 def save(path, arr, *a, **k):
@@ -365,17 +453,31 @@ def three_sources(tmp_path_factory):
     rng = np.random.default_rng(5)
     a, b, c = str(d / "alpha.npz"), str(d / "beta.npz"), str(d / "gamma.safetensors")
     np.savez(a, kernels=rng.standard_normal((40, 5, 5)).astype(np.float32))
-    np.savez(b, kernels=rng.standard_normal((30, 3, 3)).astype(np.float32), layer=np.repeat([0, 1, 2], 10))
+    np.savez(
+        b,
+        kernels=rng.standard_normal((30, 3, 3)).astype(np.float32),
+        layer=np.repeat([0, 1, 2], 10),
+    )
     torch.manual_seed(5)
-    save_file({f"blocks.{i}.conv_dw.weight": torch.randn(8, 1, 3 + 2 * (i % 2), 3 + 2 * (i % 2)) for i in range(4)}, c)
+    save_file(
+        {
+            f"blocks.{i}.conv_dw.weight": torch.randn(8, 1, 3 + 2 * (i % 2), 3 + 2 * (i % 2))
+            for i in range(4)
+        },
+        c,
+    )
     driver = str(d / "driver.py")
     open(driver, "w").write(DRIVER)
     return driver, [a, b, c]
 
 
 def _drive(driver, data, kill_at, files):
-    return subprocess.run([sys.executable, driver, data, str(kill_at), *files], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, driver, data, str(kill_at), *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _tmp_left(data):
@@ -422,7 +524,9 @@ def test_exception_midway_cleans_up_and_rerun_matches(tmp_path, three_sources, m
     def failing(data_dir, slug, *a, **k):
         calls.append(slug)
         if len(calls) == 2:
-            os.makedirs(os.path.join(data_dir, f".tmp-{slug}-partial"))  # as a half-done write would
+            os.makedirs(
+                os.path.join(data_dir, f".tmp-{slug}-partial")
+            )  # as a half-done write would
             raise KeyboardInterrupt
         return real(data_dir, slug, *a, **k)
 
@@ -431,7 +535,9 @@ def test_exception_midway_cleans_up_and_rerun_matches(tmp_path, three_sources, m
         convert_mod.convert(data, srcs(), **QUIET)
     # the first source is complete and listed; no temp dir; the manifest agrees with the directory
     assert sorted(os.listdir(data)) == [".lock", "alpha", "manifest.json"]
-    assert [e["dir"] for e in json.load(open(os.path.join(data, "manifest.json")))["sources"]] == ["alpha"]
+    assert [e["dir"] for e in json.load(open(os.path.join(data, "manifest.json")))["sources"]] == [
+        "alpha"
+    ]
     monkeypatch.setattr(shards, "write_source", real)
 
     log = []
@@ -473,8 +579,11 @@ def test_npz_layer_channel_roundtrip(tmp_path):
     assert meta.dtype == shards.META_DTYPE
     assert np.array_equal(meta["layer"], layer) and np.array_equal(meta["channel"], channel)
     table = read_json(os.path.join(d, "source.json"))["layers"]
-    assert [(l["layer"], l["name"], l["channels"]) for l in table] == [(3, "layer3", 4), (8, "layer8", 2),
-                                                                       (11, "layer11", 3)]
+    assert [(l["layer"], l["name"], l["channels"]) for l in table] == [
+        (3, "layer3", 4),
+        (8, "layer8", 2),
+        (11, "layer11", 3),
+    ]
     (shard,) = shards.iter_shards(data, 5)
     assert shard.layer_names == {3: "layer3", 8: "layer8", 11: "layer11"}
     assert np.array_equal(shard.kernels, kernels) and np.array_equal(shard.meta["layer"], layer)
@@ -493,7 +602,9 @@ def test_npz_interleaved_layers_are_grouped_stably(tmp_path):
     k = np.load(os.path.join(data, "mixed", "k3x3.npy"))
     meta = np.load(os.path.join(data, "mixed", "k3x3.meta.npy"))
     assert k.dtype == np.float32 and np.array_equal(k, kernels[order].astype(np.float32))
-    assert np.array_equal(meta["layer"], layer[order]) and np.array_equal(meta["channel"], channel[order])
+    assert np.array_equal(meta["layer"], layer[order]) and np.array_equal(
+        meta["channel"], channel[order]
+    )
 
 
 def test_npz_without_metadata(tmp_path):
@@ -521,18 +632,30 @@ def test_npz_nonsquare_kept_apart(tmp_path):
     assert set(entry["files"]) == {"k1x11.npy", "k1x11.meta.npy"}
     assert np.array_equal(np.load(os.path.join(data, "band", "k1x11.npy")), kernels)
     meta = np.load(os.path.join(data, "band", "k1x11.meta.npy"))
-    assert meta["layer"].tolist() == [0] * 6 + [1] * 6 and meta["channel"].tolist() == list(range(6)) * 2
+    assert (
+        meta["layer"].tolist() == [0] * 6 + [1] * 6
+        and meta["channel"].tolist() == list(range(6)) * 2
+    )
     assert shards.count_kernels(data, 11) == 0 and list(shards.iter_shards(data, 11)) == []
 
 
 def test_nonsquare_from_a_checkpoint(tmp_path):
-    """inception_next-style 1×11 / 11×1 depthwise weights in a checkpoint: listed apart, not counted."""
-    sd = {"mixer.dwconv_hw.weight": torch.randn(8, 1, 3, 3), "mixer.dwconv_w.weight": torch.randn(8, 1, 1, 11),
-          "mixer.dwconv_h.weight": torch.randn(8, 1, 11, 1), "mixer.scale.weight": torch.randn(8, 1, 1, 1)}
+    """inception_next-style 1×11 / 11×1 depthwise weights in a checkpoint: listed apart, not
+    counted."""
+    sd = {
+        "mixer.dwconv_hw.weight": torch.randn(8, 1, 3, 3),
+        "mixer.dwconv_w.weight": torch.randn(8, 1, 1, 11),
+        "mixer.dwconv_h.weight": torch.randn(8, 1, 11, 1),
+        "mixer.scale.weight": torch.randn(8, 1, 1, 1),
+    }
     path = str(tmp_path / "incnext.pth")
     torch.save(sd, path)
     layers = layers_from_state(open_checkpoint(path))
-    assert [l.name for l in layers] == ["mixer.dwconv_hw", "mixer.dwconv_w", "mixer.dwconv_h"]  # no 1×1
+    assert [l.name for l in layers] == [
+        "mixer.dwconv_hw",
+        "mixer.dwconv_w",
+        "mixer.dwconv_h",
+    ]  # no 1×1
     m = convert_mod.convert(str(tmp_path / "data"), [checkpoint_source(path)], **QUIET)
     (entry,) = m["sources"]
     assert entry["counts"] == {"3x3": 8} and entry["nonsquare"] == {"1x11": 8, "11x1": 8}
@@ -554,6 +677,10 @@ def test_rewritten_npz_is_converted_again(tmp_path):
 
 def test_npz_negative_layer_ids_are_refused(tmp_path):
     path = str(tmp_path / "neg.npz")
-    np.savez(path, kernels=np.zeros((2, 3, 3), np.float32) + np.arange(9).reshape(3, 3), layer=np.array([0, -1]))
+    np.savez(
+        path,
+        kernels=np.zeros((2, 3, 3), np.float32) + np.arange(9).reshape(3, 3),
+        layer=np.array([0, -1]),
+    )
     with pytest.raises(SourceError, match="layer"):
         npz_source(path)

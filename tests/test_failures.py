@@ -56,14 +56,20 @@ def _listing(path):
                   for f in fs if f != ".lock")
 
 
-@pytest.mark.parametrize("override,word", [
-    ("--config.learning_rate=inf", "learning_rate"), ("--config.learning_rate=nan", "learning_rate"),
-    ("--config.end_learning_rate_fraction=nan", "end_learning_rate_fraction"),
-    ("--config.model.hidden=()", "hidden"), ("--config.seed=-1", "seed"),
-    ("--config.model.negative_slope=nan", "negative_slope"), ("--config.batch_size=0", "batch_size"),
-    ("--config.nosuchfield=1", "unknown config field"),
-    ("--config.learning_rat=0.1", "did you mean --config.learning_rate"),
-])
+@pytest.mark.parametrize(
+    "override,word",
+    [
+        ("--config.learning_rate=inf", "learning_rate"),
+        ("--config.learning_rate=nan", "learning_rate"),
+        ("--config.end_learning_rate_fraction=nan", "end_learning_rate_fraction"),
+        ("--config.model.hidden=()", "hidden"),
+        ("--config.seed=-1", "seed"),
+        ("--config.model.negative_slope=nan", "negative_slope"),
+        ("--config.batch_size=0", "batch_size"),
+        ("--config.nosuchfield=1", "unknown config field"),
+        ("--config.learning_rat=0.1", "did you mean --config.learning_rate"),
+    ],
+)
 def test_bad_train_values_fail_before_anything_is_written(data, trained, tmp_path, override, word):
     before = _listing(trained)
     p = _run("dwjax.train", "--kernel_size=5", f"--data_dir={data}", f"--workdir={trained}",
@@ -145,7 +151,9 @@ def test_disk_full_is_one_line_and_leaves_nothing_partial(trained, data, tmp_pat
     p = _run("dwjax.convert", f"--kernels_npz={big}", f"--data_dir={out}",
              preexec_fn=_small_file_limit)
     _one_line(p, "convert", "File too large")
-    assert [n for n in os.listdir(out) if n not in (".lock",)] == [] if os.path.exists(out) else True
+    assert (
+        [n for n in os.listdir(out) if n not in (".lock",)] == [] if os.path.exists(out) else True
+    )
     w = str(tmp_path / "w")
     import shutil
 

@@ -8,7 +8,10 @@ from dwjax import kmeans, preprocess
 def _blobs(seed=0, n=6000, k=10, d=9, spread=0.02):
     rng = np.random.default_rng(seed)
     centres = rng.uniform(0, 1, (k, d))
-    while np.min([np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]]) < 0.3:
+    while (
+        np.min([np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1 :]])
+        < 0.3
+    ):
         centres = rng.uniform(0, 1, (k, d))
     labels = rng.integers(0, k, n)
     return (centres[labels] + spread * rng.standard_normal((n, d))).astype(np.float32), labels
@@ -44,7 +47,9 @@ def test_recovers_separated_clusters_in_canonical_order():
     table = np.zeros((10, 10), int)
     np.add.at(table, (labels, cluster), 1)
     # Each true cluster maps onto exactly one found cluster and vice versa: agreement 100%.
-    assert (np.count_nonzero(table, axis=1) == 1).all() and (np.count_nonzero(table, axis=0) == 1).all()
+    assert (np.count_nonzero(table, axis=1) == 1).all() and (
+        np.count_nonzero(table, axis=0) == 1
+    ).all()
     np.testing.assert_allclose(inertia, np.sum(dist.astype(np.float64) ** 2), rtol=1e-4)
     sizes = np.bincount(cluster, minlength=10)
     assert (np.diff(sizes) <= 0).all(), sizes  # canonical: size descending
@@ -56,7 +61,9 @@ def test_deterministic_per_seed():
     b = kmeans.fit_kmeans(x, 10, seed=5)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == b[1]
-    np.testing.assert_array_equal(kmeans.kmeans_plus_plus(x, 10, 5), kmeans.kmeans_plus_plus(x, 10, 5))
+    np.testing.assert_array_equal(
+        kmeans.kmeans_plus_plus(x, 10, 5), kmeans.kmeans_plus_plus(x, 10, 5)
+    )
     assert not np.array_equal(kmeans.kmeans_plus_plus(x, 10, 5), kmeans.kmeans_plus_plus(x, 10, 6))
 
 

@@ -77,9 +77,19 @@ def test_bad_json_raises_naming_the_file(tmp_path, text):
 def test_label_codes_boundaries_and_gaps():
     codes = [0.0, 0.1, 0.25, 0.3999, 0.4, 0.45, 0.5, 0.75, 0.8, 0.95, 1.0]
     got = L.label_codes(LABELS, codes).tolist()
-    assert got == ["On-Centre", "On-Centre", "On-Centre Cross", "On-Centre Cross", "Others", "Others",
-                   "Off-Centre", "Others", "Others", "On-Centre 1st derivative (x)",
-                   "On-Centre 1st derivative (x)"]
+    assert got == [
+        "On-Centre",
+        "On-Centre",
+        "On-Centre Cross",
+        "On-Centre Cross",
+        "Others",
+        "Others",
+        "Off-Centre",
+        "Others",
+        "Others",
+        "On-Centre 1st derivative (x)",
+        "On-Centre 1st derivative (x)",
+    ]
     names = T.class_names(7)
     np.testing.assert_array_equal(L.label_index(LABELS, codes), [names.index(g) for g in got])
     assert L.label_codes({"kernel_size": 5, "intervals": []}, [0.3]).tolist() == ["Others"]
@@ -88,7 +98,8 @@ def test_label_codes_boundaries_and_gaps():
 
 
 def _class_samples(k, rng):
-    """{class name: [N, k, k]} kernels at random σ from the DoG-init sampler (off the bank's grid)."""
+    """{class name: [N, k, k]} kernels at random σ from the DoG-init sampler (off the bank's
+    grid)."""
     mix = {"on_centre": 0.2, "off_centre": 0.2, "cross": 0.2, "first_derivative": 0.2,
            "second_derivative": 0.2}
     kern, _, names = T.sample_dog_init_labelled(3000, k, rng, mix)
@@ -99,9 +110,16 @@ def _class_samples(k, rng):
 def test_propose_labels_recovers_synthetic_spectrum(k):
     rng = np.random.default_rng(0)
     pool = _class_samples(k, rng)
-    plan = [("On-Centre", 60), ("On-Centre Cross", 40), (None, 30), ("Off-Centre 1st derivative (y)", 50),
-            ("Off-Centre", 45), ("On-Centre 2nd derivative", 35), ("Off-Centre Cross", 40),
-            ("On-Centre 1st derivative (x)", 40)]
+    plan = [
+        ("On-Centre", 60),
+        ("On-Centre Cross", 40),
+        (None, 30),
+        ("Off-Centre 1st derivative (y)", 50),
+        ("Off-Centre", 45),
+        ("On-Centre 2nd derivative", 35),
+        ("Off-Centre Cross", 40),
+        ("On-Centre 1st derivative (x)", 40),
+    ]
     blocks, truth = [], []
     for name, n in plan:
         if name is None:  # an unrecognisable stretch: isotropic noise
@@ -110,7 +128,9 @@ def test_propose_labels_recovers_synthetic_spectrum(k):
             blocks.append(pool[name][rng.choice(len(pool[name]), n)])
         truth += [name] * n
     decoded = np.concatenate(blocks).astype(np.float64)
-    decoded += rng.normal(size=decoded.shape) * 0.03 * np.abs(decoded).max(axis=(1, 2), keepdims=True)
+    decoded += (
+        rng.normal(size=decoded.shape) * 0.03 * np.abs(decoded).max(axis=(1, 2), keepdims=True)
+    )
     decoded[10] = decoded[200]  # one outlier code inside the first run: absorbed, not an interval
     m = len(decoded)
     codes = np.linspace(0.0, 1.0, m)
@@ -156,7 +176,11 @@ def test_min_similarity_and_min_run():
     out = L.propose_labels(dec, np.linspace(0, 1, 22), 7)  # the 2-code cross run is noise
     assert [iv["label"] for iv in out["intervals"]] == ["On-Centre", "Off-Centre"]
     out = L.propose_labels(dec, np.linspace(0, 1, 22), 7, min_run=2)
-    assert [iv["label"] for iv in out["intervals"]] == ["On-Centre", "On-Centre Cross", "Off-Centre"]
+    assert [iv["label"] for iv in out["intervals"]] == [
+        "On-Centre",
+        "On-Centre Cross",
+        "Off-Centre",
+    ]
     assert L.propose_labels(dec, np.linspace(0, 1, 22), 7, min_similarity=1.01)["intervals"] == []
     assert L.propose_labels(dec[:0], np.zeros(0), 7) == {"kernel_size": 7, "intervals": []}
     with pytest.raises(ValueError):

