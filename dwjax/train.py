@@ -113,6 +113,8 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
             if done or (epoch + 1) % config.checkpoint_every_epochs == 0:
                 run_checkpoints.save(mngr, step, params, opt_state,
                                      {"architecture": arch, "epoch": epoch + 1, "step": step})
+                if primary:  # a kill between the two writes leaves model.npz stale: not used then
+                    run_checkpoints.save_inference(run.model_npz, params, arch, step)
             if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and not done:
                 break
     mngr.wait_until_finished()

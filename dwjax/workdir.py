@@ -4,6 +4,7 @@ trained model for inference. Every stage asks here; none spells a run-directory 
     <workdir>/config.json             {"architecture": {kernel_size, hidden, negative_slope},
                                        "config": the train config}
     <workdir>/checkpoints/<step>/     orbax: params, opt_state, meta (dwjax.run_checkpoints)
+    <workdir>/model.npz               the newest checkpoint's parameters alone, for inference
     <workdir>/metrics.jsonl           training curves (dwjax.metrics), tensorboard/ beside it
     <workdir>/spectrum.npz            decoded codes (spectrum stage)
     <workdir>/labels.json             labelled code intervals (dwjax.labels)
@@ -41,6 +42,10 @@ class RunDir:
     @property
     def checkpoints(self) -> str:
         return os.path.join(self.path, "checkpoints")
+
+    @property
+    def model_npz(self) -> str:
+        return os.path.join(self.path, "model.npz")
 
     @property
     def metrics_jsonl(self) -> str:
@@ -144,7 +149,10 @@ def load_model(run: RunDir):
     arch = model_lib.architecture(config)
     graphdef, abstract = model_lib.abstract_params(config.kernel_size, config.model.hidden,
                                                    config.model.negative_slope)
-    params, _ = run_checkpoints.restore_params(run.checkpoints, abstract, arch)
+    params = run_checkpoints.load_inference(run.model_npz, abstract, arch,
+                                            run_checkpoints.latest_step(run.checkpoints))
+    if params is None:  # no model.npz, or one older than the newest checkpoint
+        params, _ = run_checkpoints.restore_params(run.checkpoints, abstract, arch)
     if params is None:
         raise RunDirError(f"--workdir {run.path}: no checkpoint (train first)")
     return model_lib.merge(graphdef, params), config

@@ -113,6 +113,18 @@ def test_a_corrupted_checkpoint_is_refused_by_every_reader(data, trained, tmp_pa
         chunk = f.read(64)
         f.seek(os.path.getsize(target) // 2)
         f.write(bytes(b ^ 0xFF for b in chunk))
+    # model.npz (what inference reads) is intact: it answers; damaged, it is refused ...
+    p = _run("dwjax.spectrum", f"--workdir={w}")
+    assert p.returncode == 0, p.stderr
+    with open(os.path.join(w, "model.npz"), "r+b") as f:
+        f.seek(os.path.getsize(os.path.join(w, "model.npz")) // 2)
+        f.write(b"\xff" * 32)
+    for stage in ("spectrum", "assign"):
+        p = _run(f"dwjax.{stage}", f"--workdir={w}", f"--data_dir={data}"
+                 if stage == "assign" else "--relabel=false")
+        _one_line(p, stage, "model.npz: corrupt")
+    # ... and without it, the orbax checkpoint is read and its corruption found
+    os.remove(os.path.join(w, "model.npz"))
     for stage in ("spectrum", "assign"):
         p = _run(f"dwjax.{stage}", f"--workdir={w}", f"--data_dir={data}"
                  if stage == "assign" else "--relabel=false")
