@@ -162,7 +162,7 @@ def _child_core(kernel_size: int, n: int, chunk_size: int, reps: int) -> dict:
     rep = mesh_lib.replicated(mesh)
     backend = jax.default_backend()
     tile = nearest.default_tile_m(backend)
-    r_host = np.asarray(nearest._tiles(recon, tile))
+    r_host = np.asarray(nearest.tiles(recon, tile))
     r_tiles = jax.device_put(r_host, rep)
     tables = jax.device_put(nearest.pruned_tables(r_host), rep)
     basis = jax.device_put(preprocess.hyperplane_basis(kernel_size), rep)

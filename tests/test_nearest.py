@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwjax import nearest, preprocess
+from dwjax import nearest, preprocess, search_kernels
 from tests.reference import curve_kernels, nearest_codes_reference, similarities, template_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,7 +203,7 @@ def test_pruned_equals_brute_on_a_decoder_curve(k):
     sims = similarities(kern, recon)
     assert (sims[np.arange(len(kern)), i] >= sims.max(axis=1) - 1e-6).all()
     np.testing.assert_allclose(d, rd, atol=1e-6, rtol=0)
-    radius = float(nearest.pruned_tables(nearest._tiles(recon, 64)).radius)
+    radius = float(nearest.pruned_tables(nearest.tiles(recon, 64)).radius)
     assert nearest.choose_method("cpu", len(kern), len(recon), radius) == "pruned"
 
 
@@ -252,18 +252,18 @@ def test_pruned_bound_is_sound_and_prunes():
     k = 7
     for recon, must_prune in ((template_curve(k, 3000, seed=2), 0.8),
                               (np.random.default_rng(1).standard_normal((500, 48)), 0.0)):
-        r_tiles = nearest._tiles(recon, 64)
+        r_tiles = nearest.tiles(recon, 64)
         tables = nearest.pruned_tables(r_tiles)
         kern = curve_kernels(np.asarray(recon, np.float32), 300, seed=5)
         x = preprocess.embed(jnp.asarray(kern))
-        reps = np.asarray(nearest._dot_t(x, tables.reps))
+        reps = np.asarray(search_kernels._dot_t(x, tables.reps))
         lb = reps.max(axis=1)
         thr = lb - nearest.TIE_TOL - float(tables.thr_slack)
         aug = jnp.concatenate([x, thr[:, None], np.sqrt((1 - thr) * (1 + thr))[:, None]], axis=1)
-        kept = np.asarray(nearest._dot_t(aug, tables.caps)) >= -float(tables.cap_slack)
+        kept = np.asarray(search_kernels._dot_t(aug, tables.caps)) >= -float(tables.cap_slack)
         rows = np.asarray(r_tiles, np.float64).reshape(-1, 48)
         sims = np.asarray(x, np.float64) @ rows.T  # [N, M_pad]
-        sub = nearest._sub_rows(64)
+        sub = search_kernels._sub_rows(64)
         best_in_sub = sims.reshape(len(kern), -1, sub).max(axis=2)
         dropped = ~kept[:, :best_in_sub.shape[1]]
         assert (best_in_sub[dropped] < np.broadcast_to(lb[:, None] - nearest.TIE_TOL,

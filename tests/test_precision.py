@@ -52,7 +52,7 @@ def test_nearest_chunk_dots_are_highest(method):
     mesh = mesh_lib.data_mesh()
     rep = mesh_lib.replicated(mesh)
     recon = np.random.default_rng(0).standard_normal((300, 24)).astype(np.float32)
-    r_tiles = jax.device_put(nearest._tiles(recon, 64), rep)
+    r_tiles = jax.device_put(nearest.tiles(recon, 64), rep)
     tables = None if method == "brute" else jax.device_put(nearest.pruned_tables(r_tiles), rep)
     basis = jax.device_put(preprocess.hyperplane_basis(5), rep)
     x = nearest._put(mesh, np.zeros((64, 5, 5), np.float32))
