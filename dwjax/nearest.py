@@ -101,8 +101,8 @@ MIN_DEVICE_ROWS = 8
 def _assign_chunk(kernels, r_tiles, basis, tables, m: int, method: str, unroll: int = 1):
     """`[C, k, k]` raw kernels → `(idx [C] int32, dis [C] float32, ratio [C] float32)`.
 
-    `ratio` = centred norm / raw norm in float32, the dead-kernel screen (see `_valid`); set to
-    the threshold itself (undecided) where the raw norm is too small for float32 to judge.
+    `ratio` = centred norm / raw norm in float32, the dead-kernel screen (see `_valid`); 0 (dead)
+    for a negligible kernel (max |w| below preprocess.DEAD_ABSOLUTE_MAX: an exact float32 test).
     `tables` is None for brute force.
     """
     x = preprocess.embed(kernels, basis)
@@ -114,8 +114,8 @@ def _assign_chunk(kernels, r_tiles, basis, tables, m: int, method: str, unroll: 
     flat = kernels.reshape(kernels.shape[0], -1).astype(jnp.float32)
     raw = jnp.linalg.norm(flat, axis=1)
     cn = jnp.linalg.norm(flat - jnp.mean(flat, axis=1, keepdims=True), axis=1)
-    ratio = jnp.where(raw > 1e-20, cn / jnp.where(raw > 1e-20, raw, 1.0),
-                      preprocess.DEAD_RELATIVE_NORM)
+    big = jnp.max(jnp.abs(flat), axis=1) >= preprocess.DEAD_ABSOLUTE_MAX
+    ratio = jnp.where(big, cn / jnp.where(big, raw, 1.0), 0.0)
     return idx, jnp.clip(1.0 - best, 0.0, 2.0), ratio
 
 

@@ -18,13 +18,19 @@ from jax import lax
 # all-zero channels). Relative, so a·x keeps its verdict; 1e-5 is ~100× float32 rounding of a
 # constant.
 DEAD_RELATIVE_NORM = 1e-5
+# Largest |weight| below this: a negligible kernel, dead too. Below it float32 loses the pattern
+# (squares underflow near 1e-19), so a ~1e-20 kernel would otherwise be "live" with an arbitrary
+# code; real kernels are many orders of magnitude larger (pruned channels are exact zeros).
+DEAD_ABSOLUTE_MAX = 1e-12
 # Every dot product in float32 at full precision: TPU/GPU would otherwise run them as bf16 passes
 # and assign kernels differently from CPU.
 _HIGHEST = lax.Precision.HIGHEST
 
 
 def valid_mask(kernels: np.ndarray) -> np.ndarray:
-    """`[N]` bool: False for kernels whose centred norm is ~0 (dropped and counted, never NaN).
+    """`[N]` bool: False for dead kernels (dropped and counted, never NaN): constant ones (centred
+    norm ≤ DEAD_RELATIVE_NORM × raw norm, scale-free) and negligible ones (max |w| below
+    DEAD_ABSOLUTE_MAX, where float32 cannot hold their pattern). The one rule of every path.
 
     Args:
       kernels: `[N, k, k]` (or `[N, k*k]`), any float dtype; computed in float64 on the host.
@@ -33,7 +39,8 @@ def valid_mask(kernels: np.ndarray) -> np.ndarray:
     centred = flat - flat.mean(axis=1, keepdims=True)
     cn = np.linalg.norm(centred, axis=1)
     raw = np.linalg.norm(flat, axis=1)
-    return cn > DEAD_RELATIVE_NORM * raw + 1e-30
+    return (cn > DEAD_RELATIVE_NORM * raw + 1e-30) & (np.abs(flat).max(axis=1, initial=0.0)
+                                                      >= DEAD_ABSOLUTE_MAX)
 
 
 @functools.lru_cache(maxsize=None)

@@ -205,3 +205,23 @@ def test_progress_line_reports_rate_and_eta():
     (line,) = lines
     assert "250/1,000" in line and "job 250/1,000 (25%)" in line and "kernels/s" in line
     assert "ETA" in line
+
+
+def test_negligible_kernels_are_dead_and_small_ones_keep_their_answer(small_run, tmp_path):
+    """One dead rule, scale-aware: a ~1e-20 kernel is dead (not "live" with an arbitrary code);
+    a 1e-6 copy of a kernel gets the answer of the kernel itself (to float32 rounding of the
+    scaled copy: a near-tie may move to the neighbouring code)."""
+    run, _, kernels = small_run
+    base = kernels[:50].astype(np.float32)
+    mixed = np.concatenate([base, base * np.float32(1e-6), base * np.float32(1e-20)])
+    d = make_data_dir(tmp_path / "d", {"scaled": mixed})
+    w = _fresh(run, tmp_path / "w")
+    assign.assign(w, d, **QUIET)
+    rows = pd.read_parquet(os.path.join(w, "assignments")).sort_values("channel")
+    first, small, tiny = (rows.iloc[i * 50:(i + 1) * 50] for i in range(3))
+    assert (tiny["label"] == assignments.DEAD).all() and tiny["code"].isna().all()
+    live = first["label"] != assignments.DEAD
+    assert live.sum() == 48  # the two all-zero kernels of the fixture are dead at every scale
+    a, b = small["code"].to_numpy()[live.to_numpy()], first["code"].to_numpy()[live.to_numpy()]
+    assert (a == b).mean() > 0.9 and np.abs(a - b).max() <= 2.5e-4  # ≤ 2 of 10,000 code steps
+    np.testing.assert_allclose(small["dissimilarity"], first["dissimilarity"], atol=2e-6)

@@ -66,3 +66,11 @@ def test_dead_kernels_dropped_and_counted(tmp_path):
     assert np.isfinite(np.asarray(preprocess.embed(ds.gather(ds.valid_index)))).all()
     # and the jit path never yields NaN even if a dead kernel slips through
     assert np.isfinite(np.asarray(preprocess.embed(dead))).all()
+
+
+def test_dead_rule_is_relative_for_constants_and_absolute_for_negligible_kernels():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 5, 5))
+    kernels = np.stack([x[0], x[1] * 1e-9, x[2] * 1e-20, np.full((5, 5), 3.0) + 1e-9 * x[3],
+                        np.zeros((5, 5))])
+    np.testing.assert_array_equal(preprocess.valid_mask(kernels), [True, True, False, False, False])
