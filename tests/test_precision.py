@@ -72,3 +72,24 @@ def test_preprocess_and_kmeans_dots_are_highest():
     assert_highest_precision(kmeans._assign_block.lower(x, c).as_text(), min_dots=0)
     lloyd = kmeans._lloyd.lower(x, c, 10, 1e-6, chunk=32).as_text()
     assert_highest_precision(lloyd, min_dots=1)
+
+
+def test_train_step_and_decoder_dots_are_highest():
+    """Every dot of the jitted train step (forward, backward, optimizer) and of decoding states
+    HIGHEST, so a TPU or GPU trains and decodes what the CPU does."""
+    from dwjax import model as model_lib, training
+    from dwjax.configs import train as train_configs
+
+    config = train_configs.get_config("5")
+    graphdef, params = model_lib.init_params(5, config.model.hidden, config.model.negative_slope,
+                                             0)
+    tx = training.make_optimizer(config, 10)
+    mesh = mesh_lib.data_mesh()
+    steps = training.make_train_steps(graphdef, tx, mesh)
+    kernels = jnp.zeros((2, 8, 5, 5), jnp.float32)
+    text = steps.lower(params, tx.init(params), kernels).as_text()
+    n = assert_highest_precision(text, min_dots=10)  # 10 layers forward alone
+    model = model_lib.merge(graphdef, params)
+    decode = model_lib._decode.lower(model, jnp.zeros((16,), jnp.float32)).as_text()
+    assert assert_highest_precision(decode, min_dots=5) >= 5
+    assert n >= 20  # and their gradients
