@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
 import sys
 import warnings
@@ -42,7 +43,12 @@ def user_errors(stage: str) -> Iterator[None]:
     except UserError as e:
         fail(stage, str(e), 1)
     except KeyboardInterrupt:
-        fail(stage, "interrupted", 130)
+        # Every writer has already removed its temp file on the way up. Exit at once: tearing
+        # down the interpreter with XLA or orbax threads mid-operation can crash (a segfault that
+        # would replace exit code 130).
+        print(f"{stage}: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     except OSError as e:
         if e.errno not in _USER_OS_ERRORS:
             raise
@@ -80,8 +86,6 @@ def use_every_cpu_core() -> None:
     """On a CPU, one JAX device per core, for work split into per-device pieces (the nearest-code
     search's shard_map): one CPU device runs such a loop on one core. A no-op where the device
     count is already set (XLA_FLAGS) or the backend is started."""
-    import os
-
     import jax
 
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
