@@ -70,32 +70,36 @@ def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str 
     return result
 
 
-def _fmt(x, unit: str) -> str:
+def _fmt(x) -> str:
     if x is None:
         return "-"
-    if unit == "s":
-        return f"{x:.2f} s"
-    return f"{x:,.0f} {unit}" if abs(x) >= 100 else f"{x:.3g} {unit}"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def table(result: dict) -> str:
-    """The one table: a line per ratio, then the machine and the load averages."""
+    """The one table: a line per ratio ([unit] after the measure), then the machine and the load
+    averages; at most 100 columns."""
     m = result["machine"]
-    lines = [f"{'benchmark':<10}{'measure':<52}{'ours':>18}{'reference':>18}{'ratio':>9}  target"]
+    lines = [f"{'part':<9}{'measure [unit]':<47}{'ours':>11}{'reference':>11}{'ratio':>8}  target"]
     for e in result["benchmarks"]:
         if e["skipped"]:
-            lines.append(f"{e['benchmark']:<10}{e['skipped']}")
+            lines.append(f"{e['benchmark']:<9}{e['skipped']}")
         for r in e["rows"]:
             ratio = "-" if r["ratio"] is None else (
                 f"{r['ratio']:.0%}" if "%" in r["target"] else f"{r['ratio']:.2f}x")
-            lines.append(f"{e['benchmark']:<10}{r['what']:<52}{_fmt(r['ours'], r['unit']):>18}"
-                         f"{_fmt(r['reference'], r['unit']):>18}{ratio:>9}  {r['target']}")
+            what = f"{r['what']} [{r['unit']}]"
+            lines.append(f"{e['benchmark']:<9}{what:<47}{_fmt(r['ours']):>11}"
+                         f"{_fmt(r['reference']):>11}{ratio:>8}  {r['target']}".rstrip())
+    sizes = result.get("sizes", {})
+    if any(e["benchmark"] == "convert" and not e["skipped"] for e in result["benchmarks"]):
+        lines.append(f"convert model: {sizes.get('convert_model')}")
     lines.append(f"device: {m['device_count']} x {m['device_kind']} ({m['backend']}); "
-                 f"{m['cpus']} CPUs ({m['cpu']}); jax {m['jax']}, numpy {m['numpy']}, "
-                 f"torch {m['torch'] or 'not installed'}")
+                 f"{m['cpus']} CPUs ({m['cpu']})")
+    lines.append(f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}")
     lines.append(f"load average (1, 5, 15 min): {m['load_average']} at start, "
-                 f"{result['load_average_end']} at end; {result['seconds']:.0f} s in all"
-                 + (" (--quick sizes)" if result["quick"] else ""))
+                 f"{result['load_average_end']} at end")
+    lines.append(f"{result['seconds']:.0f} s in all" + (" (--quick sizes)" if result["quick"]
+                                                       else ""))
     if m["backend"] != "cpu":
         for e in result["benchmarks"]:
             for name, sec in e.get("seconds", {}).items():

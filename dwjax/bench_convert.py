@@ -116,11 +116,11 @@ def run(model: str = "convnextv2_huge", repeats: int = 2, tmp: str | None = None
         raise RuntimeError("convert benchmark: the methods disagree on the kernels")
     lz, src, tm = last["lazy"], last["source"], last["timm"]
     rows = [
-        bench_machine.row(f"lazy reader vs timm build ({model})", lz["s"], tm["s"], "s",
+        bench_machine.row("lazy reader vs timm build", lz["s"], tm["s"], "s",
                           tm["s"] / lz["s"], ">= 10x"),
         bench_machine.row("lazy reader vs timm build, peak RSS", lz["rss_mib"], tm["rss_mib"],
                           "MiB", tm["rss_mib"] / lz["rss_mib"], ">= 20x"),
-        bench_machine.row("convert path (with sha256) vs timm build", src["s"], tm["s"], "s",
+        bench_machine.row("convert path (+sha256) vs timm build", src["s"], tm["s"], "s",
                           tm["s"] / src["s"]),
     ]
     figures = {"model": model, "params": made["params"], "file_bytes": size,

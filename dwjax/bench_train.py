@@ -76,7 +76,7 @@ def run(epochs: int = 10, batch_size: int = 256, kernel_size: int = 5, synthetic
         f"{epochs} epochs: steady {steady:,.0f} kernels/s, command {wall:.1f} s")
     seconds = {"dwjax_command": wall}
     if not bench_machine.has_torch():
-        rows = [bench_machine.row("dwjax steady vs plain torch loop", steady, None, "kernels/s",
+        rows = [bench_machine.row("steady vs plain torch loop", steady, None, "kernels/s",
                                   None, "skipped (torch not installed)")]
         return {"benchmark": "train", "skipped": None, "rows": rows, "figures": figures,
                 "seconds": seconds}
@@ -95,9 +95,9 @@ def run(epochs: int = 10, batch_size: int = 256, kernel_size: int = 5, synthetic
     seconds["torch_loop"] = torch_s
     log(f"train: plain torch loop {torch_rate:,.0f} kernels/s ({torch_s:.1f} s)")
     rows = [
-        bench_machine.row("dwjax steady vs plain torch loop", steady, torch_rate, "kernels/s",
+        bench_machine.row("steady vs plain torch loop", steady, torch_rate, "kernels/s",
                           steady / torch_rate, ">= 2x"),
-        bench_machine.row("dwjax command end to end vs torch loop", e2e, torch_rate, "kernels/s",
+        bench_machine.row("command end to end vs torch loop", e2e, torch_rate, "kernels/s",
                           e2e / torch_rate),
     ]
     return {"benchmark": "train", "skipped": None, "rows": rows, "figures": figures,
