@@ -18,6 +18,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DWJAX_HOM
 # Tests that need no embedded-default weights: search, precision, k-means, preprocessing, the house.
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_nearest.py tests/test_precision.py \
   tests/test_kmeans.py tests/test_preprocess.py tests/test_architecture.py 2>&1 | tail -15 | tee "$out/tests.txt"
-timeout 240 python3 launch/bench_assign_e2e.py --json "$out/assign_e2e.json" 2>&1 | tail -8 | tee "$out/assign.txt"
-timeout 120 python3 launch/bench_train.py --synthetic 200000 --epochs 5 --batch_size 4096 2>&1 | tail -8 \
-  | tee "$out/train.txt"
+# The assign and train benchmarks (one table, absolute times on a GPU/TPU) and their JSON.
+timeout 300 python3 -m dwjax.bench --parts=assign,train --train_synthetic=200000 \
+  --train_epochs=5 --train_batch_size=4096 --json="$out/bench.json" 2>&1 | tail -20 \
+  | tee "$out/bench.txt"

@@ -154,8 +154,8 @@ def test_mismatched_and_corrupt_checkpoints_are_refused(proto_dir, tmp_path):
 def test_default_run_is_as_good_as_plain_pytorch(default_run_k5, embedded_dir):
     """The port is faithful: same network, data, batch, optimizer and epochs as a plain torch
     loop."""
-    torch_reference = pytest.importorskip("tests.torch_reference")
-    import torch
+    torch = pytest.importorskip("torch")
+    from dwjax import torch_reference
 
     torch.set_num_threads(2)
     from dwjax import shards

@@ -1,6 +1,6 @@
 """The same autoencoder and loss as a plain PyTorch loop: the yardstick for the faithfulness test
-and
-the training benchmark (not used by any stage; needs the `convert` extra for torch)."""
+and the training benchmark (dwjax.bench_train; no stage trains with it; torch comes with the
+`convert` extra)."""
 from __future__ import annotations
 
 import math
@@ -22,9 +22,8 @@ def build(dim: int, hidden=(256, 128, 64, 32), negative_slope: float = 0.01):
     rev = widths[::-1]
     dec += [nn.Linear(1, rev[0]), nn.LeakyReLU(negative_slope)]
     for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
-        dec += [nn.Linear(a, b)] + (
-            [nn.LeakyReLU(negative_slope)] if i < len(rev) - 2 else [nn.Tanh()]
-        )
+        last = i == len(rev) - 2
+        dec += [nn.Linear(a, b), nn.Tanh() if last else nn.LeakyReLU(negative_slope)]
     return nn.Sequential(*enc, *dec)
 
 
@@ -34,18 +33,10 @@ def _loss(x, recon):
     return (1 - torch.nn.functional.cosine_similarity(x, recon, dim=1, eps=1e-12)).mean()
 
 
-def train(
-    coords: np.ndarray,
-    num_epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    warmup_epochs: float = 1.0,
-    end_fraction: float = 0.02,
-    seed: int = 0,
-    hidden=(256, 128, 64, 32),
-    negative_slope: float = 0.01,
-    max_steps: int | None = None,
-):
+def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: float,
+          warmup_epochs: float = 1.0, end_fraction: float = 0.02, seed: int = 0,
+          hidden=(256, 128, 64, 32), negative_slope: float = 0.01,
+          max_steps: int | None = None):
     """Adam with linear warm-up + cosine decay, as configs/train.py. Returns (model, mean loss,
     seconds).
 
@@ -65,9 +56,8 @@ def train(
         if step < warmup:
             return learning_rate * step / max(1, warmup)
         t = (step - warmup) / max(1, total - warmup)
-        return learning_rate * (
-            end_fraction + (1 - end_fraction) * 0.5 * (1 + math.cos(math.pi * t))
-        )
+        cosine = 0.5 * (1 + math.cos(math.pi * t))
+        return learning_rate * (end_fraction + (1 - end_fraction) * cosine)
 
     gen = np.random.default_rng(seed)
     step, t0 = 0, time.perf_counter()

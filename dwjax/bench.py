@@ -1,0 +1,148 @@
+"""Benchmarks: `python -m dwjax.bench [--parts=convert,train,assign] [--quick] [--json=PATH]`
+
+Runs the convert, train and assign benchmarks (dwjax.bench_convert, bench_train, bench_assign)
+and prints one table: every ratio measured in this run (ours vs the plain PyTorch/numpy way, vs
+this machine's fp32 GEMM peak), the device kind and count and the load average; on a GPU or TPU
+the absolute times too. The table is also written as JSON: the machine, then one entry per
+benchmark with its rows and figures. Parts needing torch say so instead of failing without it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Sequence
+
+from absl import app, flags
+
+from dwjax import atomic, bench_assign, bench_convert, bench_machine, bench_train, cli, paths
+from dwjax.errors import ConfigError
+
+PARTS = ("convert", "train", "assign")
+# (full, --quick) sizes: --quick finishes in a few minutes on a 2-core CPU.
+SIZES = {
+    "convert_model": ("convnextv2_huge", "convnextv2_nano"),
+    "convert_repeats": (2, 1),
+    "train_epochs": (10, 4),
+    "train_batch_size": (256, 256),
+    "train_synthetic": (0, 0),
+    "assign_n": (1_000_000, 200_000),
+    "assign_small_n": (250_000, 50_000),
+    "naive_n": (20_000, 10_000),
+}
+
+
+def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str | None = None,
+              log: Callable[[str], None] = print, **sizes) -> dict:
+    """Runs `parts`; returns (and writes to `json_path`) `{"machine", "benchmarks", ...}`.
+
+    `sizes` overrides `SIZES` (None keeps the full or --quick default)."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"--parts {','.join(parts)}: expected some of {','.join(PARTS)}")
+    bad = set(sizes) - set(SIZES)
+    if bad:
+        raise ConfigError(f"unknown sizes {sorted(bad)}")
+    s = {k: (sizes.get(k) if sizes.get(k) is not None else v[int(quick)])
+         for k, v in SIZES.items()}
+    machine = bench_machine.describe()
+    log(f"machine: {machine['cpus']} CPUs ({machine['cpu']}), {machine['device_count']} x "
+        f"{machine['device_kind']} ({machine['backend']}), jax {machine['jax']}, "
+        f"load average {machine['load_average']}")
+    t0 = time.perf_counter()
+    entries = []
+    for part in PARTS:
+        if part not in parts:
+            continue
+        if part == "convert":
+            entries.append(bench_convert.run(s["convert_model"], s["convert_repeats"], log=log))
+        elif part == "train":
+            entries.append(bench_train.run(s["train_epochs"], s["train_batch_size"],
+                                           synthetic=s["train_synthetic"], log=log))
+        else:
+            entries.append(bench_assign.run(s["assign_n"], s["assign_small_n"], s["naive_n"],
+                                            log=log))
+    result = {"format": "dwjax-bench/1", "quick": quick, "sizes": s, "machine": machine,
+              "load_average_end": bench_machine.load_average(),
+              "seconds": time.perf_counter() - t0, "benchmarks": entries}
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        atomic.write_json(json_path, result)
+    return result
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def table(result: dict) -> str:
+    """The one table: a line per ratio ([unit] after the measure), then the machine and the load
+    averages; at most 100 columns."""
+    m = result["machine"]
+    lines = [f"{'part':<9}{'measure [unit]':<47}{'ours':>11}{'reference':>11}{'ratio':>8}  target"]
+    for e in result["benchmarks"]:
+        if e["skipped"]:
+            lines.append(f"{e['benchmark']:<9}{e['skipped']}")
+        for r in e["rows"]:
+            ratio = "-" if r["ratio"] is None else (
+                f"{r['ratio']:.0%}" if "%" in r["target"] else f"{r['ratio']:.2f}x")
+            what = f"{r['what']} [{r['unit']}]"
+            lines.append(f"{e['benchmark']:<9}{what:<47}{_fmt(r['ours']):>11}"
+                         f"{_fmt(r['reference']):>11}{ratio:>8}  {r['target']}".rstrip())
+    sizes = result.get("sizes", {})
+    if any(e["benchmark"] == "convert" and not e["skipped"] for e in result["benchmarks"]):
+        lines.append(f"convert model: {sizes.get('convert_model')}")
+    lines.append(f"device: {m['device_count']} x {m['device_kind']} ({m['backend']}); "
+                 f"{m['cpus']} CPUs ({m['cpu']})")
+    lines.append(f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}")
+    lines.append(f"load average (1, 5, 15 min): {m['load_average']} at start, "
+                 f"{result['load_average_end']} at end")
+    lines.append(f"{result['seconds']:.0f} s in all" + (" (--quick sizes)" if result["quick"]
+                                                       else ""))
+    if m["backend"] != "cpu":
+        for e in result["benchmarks"]:
+            for name, sec in e.get("seconds", {}).items():
+                lines.append(f"time  {e['benchmark']:<8}{name:<24}{sec:>10.3f} s")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("parts", list(PARTS), "Which benchmarks: some of convert,train,assign.")
+    flags.DEFINE_bool("quick", False, "Smaller sizes (a smaller convert model, fewer kernels).")
+    flags.DEFINE_string("json", None, "Where to write the table as JSON (default "
+                        "$DWJAX_HOME/bench.json).")
+    flags.DEFINE_string("convert_model", None, "timm model saved as the convert benchmark's "
+                        f"checkpoint (default {SIZES['convert_model'][0]}; --quick "
+                        f"{SIZES['convert_model'][1]}).")
+    flags.DEFINE_integer("convert_repeats", None, "Runs of each convert method (last reported).")
+    flags.DEFINE_integer("train_epochs", None, "Epochs of the train benchmark.")
+    flags.DEFINE_integer("train_batch_size", None, "Batch of the train benchmark.")
+    flags.DEFINE_integer("train_synthetic", None, "N random kernels to train on instead of the "
+                         "embedded default (0: the embedded default).")
+    flags.DEFINE_integer("assign_n", None, "Kernels of the assign benchmark.")
+    flags.DEFINE_integer("assign_small_n", None, "The smaller N of the peak-RSS comparison.")
+    flags.DEFINE_integer("naive_n", None, "Kernels of the naive full-matrix assignment.")
+
+
+def main(argv):
+    del argv
+    cli.setup()
+    cli.use_every_cpu_core()  # as `python -m dwjax.assign` runs its search
+    with cli.user_errors("bench"):
+        sizes = {k: getattr(FLAGS, k) for k in SIZES}
+        for k, v in sizes.items():
+            if isinstance(v, int) and v < (0 if k == "train_synthetic" else 1):
+                raise ConfigError(f"--{k} {v}: must be at least 1")
+        json_path = FLAGS.json or os.path.join(paths.home(), "bench.json")
+        result = run_bench(FLAGS.parts, FLAGS.quick, json_path, **sizes)
+    print("\n" + table(result))
+    print(f"\nJSON: {json_path}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
