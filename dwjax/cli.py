@@ -124,5 +124,6 @@ def data_dir_or_default(data_dir: str | None, log: Callable[[str], None] = print
     data_dir = paths.default_data_dir()
     if not shards.has_manifest(data_dir):
         log(f"no kernel shards in {data_dir}: converting the embedded default first")
-        shards.add_sources(data_dir, sources.embedded_sources(), log=log)
+        shards.add_sources(data_dir, sources.embedded_sources(), log=log,
+                           regular_sample=shards.DEFAULT_REGULAR_SAMPLE)
     return data_dir

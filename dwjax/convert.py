@@ -15,13 +15,14 @@ from dwjax.errors import ConfigError
 from dwjax.sources import Source, resolve_sources
 
 
-def convert(data_dir: str, sources: list[Source], log: Callable[[str], None] = print) -> dict:
+def convert(data_dir: str, sources: list[Source], log: Callable[[str], None] = print,
+            regular_sample: int = 0) -> dict:
     """Converts each source not already in `data_dir`; returns the rebuilt manifest.
 
     Every source is loaded fully before its directory is written (temp + rename), so an error or a
     kill leaves no partial shard; the manifest is rebuilt from the completed sources each time.
     """
-    return shards.add_sources(data_dir, sources, log=log)
+    return shards.add_sources(data_dir, sources, log=log, regular_sample=regular_sample)
 
 
 def summary_table(manifest: dict) -> str:
@@ -57,6 +58,10 @@ def define_flags() -> None:
     flags.DEFINE_string("kernels_npz", None, "A .npz with kernels [N,k,k] (optional layer, "
                         "channel [N]).")
     flags.DEFINE_string("data_dir", None, "Output directory (default $DWJAX_HOME/data).")
+    flags.DEFINE_integer("regular_sample", shards.DEFAULT_REGULAR_SAMPLE,
+                         "Also keep this many random kernels of the "
+                         "regular convolutions per size (paper Fig. 2; never trained on); "
+                         "checkpoint files and the embedded default only.", lower_bound=0)
 
 
 def main(argv):
@@ -74,7 +79,7 @@ def main(argv):
             models += model_sets.MODEL_SETS[FLAGS.model_set]
         sources = resolve_sources(models, FLAGS.pretrained, FLAGS.seed, FLAGS.checkpoint,
                                   FLAGS.kernels_npz)
-        manifest = convert(data_dir, sources)
+        manifest = convert(data_dir, sources, regular_sample=FLAGS.regular_sample)
     print(f"\nkernel shards in {data_dir}\n{summary_table(manifest)}")
 
 

@@ -84,3 +84,38 @@ def layers_from_module(model: Any) -> list[DepthwiseLayer]:
             DepthwiseLayer(len(layers), name, np.ascontiguousarray(w[:, 0]), stride, dilation)
         )
     return layers
+
+
+def regular_sample(tensors: Mapping[str, LazyTensor], n: int,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """A random sample of the regular (not depthwise) convolutions' square k×k kernels (k ≥ 3) of a
+    checkpoint read lazily, per size: `{"3x3": [n', 3, 3] float32}`, n' ≤ n (paper Fig. 2's
+    regular-vs-depthwise comparison; never trained on or assigned).
+
+    Each `[O, I, k, k]` weight holds O·I kernels; the sample is uniform over all of them (seeded),
+    and only the tensors it draws from are read.
+    """
+    by_size: dict[str, list[tuple[str, int]]] = {}
+    for name, t in tensors.items():
+        shape = tuple(t.shape)
+        if (not name.endswith("weight") or len(shape) != 4 or shape[2] != shape[3]
+                or shape[2] < 3 or is_depthwise_shape(shape)):
+            continue
+        if np.dtype(t.dtype if t.dtype != "bfloat16" else np.float32).kind != "f":
+            continue
+        by_size.setdefault(f"{shape[2]}x{shape[3]}", []).append((name, shape[0] * shape[1]))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, parts in sorted(by_size.items()):
+        sizes = np.array([c for _, c in parts])
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        pick = np.sort(rng.choice(offsets[-1], min(n, offsets[-1]), replace=False))
+        which = np.searchsorted(offsets, pick, side="right") - 1
+        kernels = []
+        for j in np.unique(which):
+            name = parts[j][0]
+            w = tensors[name].load().astype(np.float32, copy=False)
+            flat = w.reshape(-1, w.shape[2], w.shape[3])
+            kernels.append(flat[pick[which == j] - offsets[j]])
+        out[key] = np.ascontiguousarray(np.concatenate(kernels), np.float32)
+    return out

