@@ -16,4 +16,7 @@ if [ -n "${TORCH_SPEC:-}" ]; then "$VENV/bin/pip" install -q "$TORCH_SPEC"; fi
 "$VENV/bin/pip" list 2>/dev/null | grep -i -E \
   "^(jax|jaxlib|flax|optax|orbax-checkpoint|ml.collections|numpy|matplotlib|pyarrow) "
 if [ $# -eq 0 ]; then set -- -q -x; fi
+# Its own home and compile cache: entries another jax version wrote would only add warnings.
+export DWJAX_HOME=${FLOORS_HOME:-$(mktemp -d)}
+export JAX_COMPILATION_CACHE_DIR="$DWJAX_HOME/xla_cache"
 "$VENV/bin/python" -m pytest "$@"
