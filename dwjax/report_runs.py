@@ -4,7 +4,6 @@ by layer (`--compare`, Figs. 18, 26), checkpoints of one training run (`--timeli
 """
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import numpy as np
@@ -116,5 +115,3 @@ def models(ctx: Context) -> list[Entry]:
                   tables=[ctx.path("models.csv")])]
 
 
-def settings_text(ctx: Context) -> str:
-    return json.dumps(ctx.settings, sort_keys=True)

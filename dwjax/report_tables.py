@@ -58,18 +58,6 @@ def merged(classes: list[str], shares: np.ndarray) -> tuple[list[str], np.ndarra
 
 
 # ------------------------------------------------------------------------------ rows → groups
-def group_counts(source: np.ndarray, label: np.ndarray, clustered: np.ndarray) -> list[dict]:
-    """Statistics-shaped dicts `{"source", "kernels", "clustered", "labels"}` per source, built
-    from rows (`[N]` each), in first-appearance order: what `shares_of_all` takes."""
-    out = []
-    for s in dict.fromkeys(source.tolist()):
-        m = source == s
-        names, counts = np.unique(label[m].astype(str), return_counts=True)
-        out.append({"source": s, "kernels": int(m.sum()), "clustered": int(clustered[m].sum()),
-                    "labels": {str(n): int(c) for n, c in zip(names, counts)}})
-    return out
-
-
 # ------------------------------------------------------------------------- total activation
 QUARTILE_COLUMNS = ("class", "kernels", "min", "q1", "median", "q3", "max", "mean")
 
