@@ -16,17 +16,16 @@ hosts of one JAX job.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 from absl import app, flags
 
-from dwjax import assignments, atomic, cli, kmeans, labels as labels_lib, model as model_lib
+from dwjax import assignments, atomic, cli, decoder, kmeans, labels as labels_lib
 from dwjax import mesh as mesh_lib, nearest, paths, preprocess, shards, templates
 from dwjax import workdir as workdir_lib
 from dwjax.errors import ConfigError, UserError
@@ -36,6 +35,20 @@ from dwjax.errors import ConfigError, UserError
 PAPER_THRESHOLDS = {5: 0.2, 7: 0.3}
 UNCLUSTERED, DEAD = assignments.UNCLUSTERED, assignments.DEAD
 DEFAULT_PART_SIZE = 1 << 20
+
+
+class Rows(NamedTuple):
+    """What a classifier gives for n kernels, every column `[n]`, in kernel order."""
+    code: np.ndarray              # float64: the nearest code (k-means: cluster id); NaN if dead
+    dissimilarity: np.ndarray     # float32: to that code's reconstruction; NaN if dead
+    clustered: np.ndarray         # bool
+    label_index: np.ndarray       # int32 into the classifier's label_names
+    total_activation: np.ndarray  # float32: sum of the raw kernel's weights
+    norm: np.ndarray              # float32: L2 norm of the raw kernel
+
+    @staticmethod
+    def concat(parts: list["Rows"]) -> "Rows":
+        return Rows(*(np.concatenate(cols) for cols in zip(*parts)))
 
 
 class AssignError(UserError):
@@ -57,16 +70,17 @@ class AutoencoderClassifier:
 
     def __init__(self, run: workdir_lib.RunDir, num_codes: int, threshold: float, chunk_size: int,
                  log: Callable[[str], None] = print):
-        model, config = workdir_lib.load_model(run)
+        params, config = workdir_lib.load_params(run)
         self.kernel_size = k = int(config.kernel_size)
+        slope = config.model.negative_slope
         if not os.path.exists(run.labels_json):
-            proposal = labels_lib.propose_from_model(model, k)
+            proposal = labels_lib.propose_from_params(params, slope, k)
             labels_lib.save_labels(run.labels_json, proposal)
             log(f"no labels.json: proposed {len(proposal['intervals'])} labelled intervals from "
                 f"{labels_lib.SPECTRUM_CODES} decoded codes → {run.labels_json} (run "
                 "`python -m dwjax.spectrum` for the figures)")
         self.labels = labels_lib.load_labels(run.labels_json, k)
-        self.codes, self.recon = model_lib.decode_codes(model, num_codes)
+        self.codes, self.recon = decoder.decode_codes(params, slope, num_codes)
         # label dictionary: the classes, then the two verdicts that are not a class
         self.label_names = templates.class_names(k) + [UNCLUSTERED, DEAD]
         self.code_label = labels_lib.label_index(self.labels, self.codes).astype(np.int32)
@@ -83,17 +97,22 @@ class AutoencoderClassifier:
                          "num_codes": num_codes, "labels_sha256": labels_sha,
                          "decoded_codes_sha256": codes_sha}
 
-    def __call__(self, kernels: np.ndarray) -> tuple[np.ndarray, ...]:
-        """`[n, k, k]` → `(code [n] float64, dissimilarity [n] float32, clustered [n] bool,
-        label_index [n] int32 into label_names)`; dead kernels get NaN code and dissimilarity."""
-        idx, dis = self.search(kernels)
-        live = idx >= 0
-        safe = np.maximum(idx, 0)
-        clustered = live & (dis < self.threshold)
-        label = np.where(clustered, self.code_label[safe], len(self.label_names) - 2)
-        label[~live] = len(self.label_names) - 1
-        return (np.where(live, self.codes[safe], np.nan), np.where(live, dis, np.nan),
-                clustered, label.astype(np.int32))
+    def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
+        """Rows `[start, stop)` of `kernels [N, k, k]`, one compiled call's worth at a time; the
+        devices search the next calls while the caller writes (nearest.Searcher.stream)."""
+        for chunk in self.search.stream(kernels, start, stop):
+            idx, dis = chunk.idx, chunk.dis
+            live = idx >= 0
+            safe = np.maximum(idx, 0)
+            clustered = live & (dis < self.threshold)
+            label = np.where(clustered, self.code_label[safe], len(self.label_names) - 2)
+            label[~live] = len(self.label_names) - 1
+            yield Rows(np.where(live, self.codes[safe], np.nan), np.where(live, dis, np.nan),
+                       clustered, label.astype(np.int32), chunk.raw_sum, chunk.raw_norm)
+
+    def __call__(self, kernels) -> Rows:
+        """`[n, k, k]` → its `Rows`."""
+        return Rows.concat(list(self.stream(kernels)))
 
 
 class KMeansClassifier:
@@ -143,21 +162,24 @@ class KMeansClassifier:
         return [names[c] if good and c >= 0 else f"cluster {i}"
                 for i, (c, good) in enumerate(zip(cls, ok))]
 
-    def __call__(self, kernels: np.ndarray) -> tuple[np.ndarray, ...]:
+    def __call__(self, kernels) -> Rows:
         """As AutoencoderClassifier's: the code is the cluster id and the dissimilarity the
         Euclidean distance to its centroid in min-max space; every live kernel is clustered."""
+        kernels = np.asarray(kernels, np.float32)
         x = kmeans.minmax_encode(kernels)
         live = preprocess.valid_mask(kernels)
         cluster, dist = kmeans.assign_kmeans(x, self.centroids, self.chunk_size)
         label = np.where(live, self.cluster_label[cluster], len(self.label_names) - 1)
-        return (np.where(live, cluster, np.nan), np.where(live, dist, np.nan).astype(np.float32),
-                live, label.astype(np.int32))
+        flat = kernels.reshape(len(kernels), -1).astype(np.float64)
+        return Rows(np.where(live, cluster, np.nan),
+                    np.where(live, dist, np.nan).astype(np.float32), live,
+                    label.astype(np.int32), flat.sum(axis=1).astype(np.float32),
+                    np.sqrt(np.einsum("ij,ij->i", flat, flat)).astype(np.float32))
 
-
-def _raw_statistics(kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(total_activation [n], norm [n])`: the sum and the L2 norm of each raw kernel's weights."""
-    flat = kernels.reshape(len(kernels), -1).astype(np.float64)
-    return flat.sum(axis=1), np.sqrt(np.einsum("ij,ij->i", flat, flat))
+    def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
+        stop = len(kernels) if stop is None else min(stop, len(kernels))
+        for a in range(start, stop, self.chunk_size):
+            yield self(kernels[a:min(a + self.chunk_size, stop)])
 
 
 class _Progress:
@@ -182,22 +204,21 @@ class _Progress:
 
 def _assign_part(clf, part: assignments.Part, writer: assignments.PartWriter, block: int,
                  progress: _Progress) -> None:
-    """Streams one part block by block: the search of block i+1 runs (in a worker thread, on the
-    devices) while block i is written, so memory depends on the block, not on the shard."""
-    kernels = part.shard.kernels
-
-    def classify(a: int):
-        x = np.asarray(kernels[a:min(a + block, part.stop)], np.float32)
-        return (*clf(x), *_raw_statistics(x))
-
-    starts = list(range(part.start, part.stop, block))
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, writer:
-        pending = pool.submit(classify, starts[0]) if starts else None
-        for i, a in enumerate(starts):
-            result = pending.result()
-            pending = pool.submit(classify, starts[i + 1]) if i + 1 < len(starts) else None
-            writer.write(*result)
-            progress.update(part, min(a + block, part.stop) - part.start, len(result[0]))
+    """Streams one part to its file: rows are gathered into blocks of at least `block` (one
+    Parquet row group each) and written while the devices search on; memory depends on the
+    block, not on the shard."""
+    with writer:
+        held: list[Rows] = []
+        n_held = 0
+        for rows in clf.stream(part.shard.kernels, part.start, part.stop):
+            held.append(rows)
+            n_held += len(rows.code)
+            progress.update(part, writer.rows + n_held, len(rows.code))
+            if n_held >= block:
+                writer.write(*Rows.concat(held))
+                held, n_held = [], 0
+        if held:
+            writer.write(*Rows.concat(held))
 
 
 def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: str | None = None,
@@ -346,6 +367,7 @@ def main(argv):
               f"({100 * summary['clustered_fraction']:.1f}%); per-kernel rows in {rows}/")
     else:
         print(f"worker {index}: its parts are assigned; rows in {rows}/")
+    cli.skip_final_collection()
 
 
 if __name__ == "__main__":

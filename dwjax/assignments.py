@@ -116,7 +116,7 @@ class PartWriter:
         self.layer_names = [part.shard.layer_names.get(int(lid), "") for lid in layer_ids]
         self.counts = np.zeros((len(layer_ids), len(self.label_names)), np.int64)
         self.clustered = np.zeros(len(layer_ids), np.int64)
-        self._rows = 0
+        self.rows = 0  # written so far
 
     def __enter__(self) -> "PartWriter":
         self._atomic = atomic.atomic_path(rows_path(self.out_dir, self.part, self.k, self.fmt))
@@ -128,7 +128,7 @@ class PartWriter:
     def write(self, code: np.ndarray, dissimilarity: np.ndarray, clustered: np.ndarray,
               label_index: np.ndarray, total_activation: np.ndarray, norm: np.ndarray) -> None:
         """The next rows of the part, in shard order; every argument is `[n]`."""
-        a = self.part.start + self._rows
+        a = self.part.start + self.rows
         n = len(code)
         meta = self.part.shard.meta[a:a + n]
         layer = np.asarray(meta["layer"], np.int32)
@@ -147,7 +147,7 @@ class PartWriter:
                                                                          np.float32),
                     norm=np.asarray(norm, np.float32))
         (self._write_parquet if self.fmt == "parquet" else self._write_csv)(cols)
-        self._rows += n
+        self.rows += n
 
     def _write_parquet(self, c: dict) -> None:
         import pyarrow as pa
@@ -194,8 +194,8 @@ class PartWriter:
             if self._csv is not None:
                 self._file.close()
             if exc_type is None:
-                if self._rows != self.part.stop - self.part.start:
-                    raise RuntimeError(f"{self.part}: wrote {self._rows} rows")
+                if self.rows != self.part.stop - self.part.start:
+                    raise RuntimeError(f"{self.part}: wrote {self.rows} rows")
                 if self._writer is None and self._csv is None:
                     self._write_empty()
                 # statistics first: the row file, renamed last, is the completion marker

@@ -3,7 +3,10 @@ synthetic 7×7 kernels against M = 10,000 codes decoded by a 7×7 run trained fo
 
   command   `python -m dwjax.assign` end to end, as a user runs it (imports, model load, decoding,
             search, row writing, summary), after one warm-up run (compilation and page cache);
-            peak RSS (VmHWM) at N and at a smaller N: memory should be flat in N
+            peak RSS (VmHWM) at N and at a smaller N: memory should be flat in N. From the two
+            sizes: the command's rate per extra kernel, (N − n)/(t_N − t_n), and its fixed cost
+            t_N − N/that rate, set against a bare `python -c "import jax"` (what any command
+            using jax pays before its first line)
   search    `nearest.nearest_codes` in this process on the same memmapped kernels and codes,
             compiled: the default method, and brute force vs the pruned search (same answer)
   peak      numpy's fp32 4096³ GEMM in a subprocess with OPENBLAS_CORETYPE/L2_SIZE unset;
@@ -91,6 +94,13 @@ def run_command(workdir: str, data: str, env: dict) -> tuple[float, float]:
     return wall, int(hwm) / 1024
 
 
+def bare_jax_start(env: dict, reps: int = 3) -> float:
+    """Seconds of `python -c "import jax; jax.devices()"`: the floor of any jax command."""
+    def start():
+        _run(["-c", "import jax; jax.devices()"], env)
+    return _best(start, reps)
+
+
 def _best(fn, reps: int) -> float:
     best = float("inf")
     for _ in range(reps):
@@ -102,10 +112,10 @@ def _best(fn, reps: int) -> float:
 
 def search_rates(workdir: str, data: str, reps: int = 2) -> dict:
     """Kernels/s of `nearest_codes` (auto, brute, pruned) on the memmapped kernels, compiled."""
-    from dwjax import model, nearest, workdir as workdir_lib
+    from dwjax import decoder, nearest, workdir as workdir_lib
 
-    m, _ = workdir_lib.load_model(workdir_lib.RunDir(workdir))
-    _, recon = model.decode_codes(m, M)
+    params, config = workdir_lib.load_params(workdir_lib.RunDir(workdir))
+    _, recon = decoder.decode_codes(params, config.model.negative_slope, M)
     (shard,) = shards.iter_shards(data, K)
     n = len(shard.kernels)
     out, idx = {}, {}
@@ -157,18 +167,25 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 20_000,
         peak = bench_machine.gemm_peak_gflops()
         wall, rss_big = run_command(workdir, big, env)
         wall_small, rss_small = run_command(workdir, small, env)
+        bare = bare_jax_start(env)
         search = search_rates(workdir, big)
         naive, naive_mib = naive_rate(search.pop("recon"), naive_n)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     e2e = n / wall
     gflops = 2 * n * D * M / wall / 1e9
+    per_kernel = (n - small_n) / max(wall - wall_small, 1e-9)  # the fixed cost cancels
+    fixed = wall - n / per_kernel
     log(f"assign: command {wall:.2f} s for {n:,} 7x7 kernels x {M:,} codes "
         f"({e2e:,.0f} kernels/s, {gflops:.0f} GFLOP/s); search {search['auto']:,.0f} kernels/s; "
         f"GEMM peak {peak:.0f} GFLOP/s")
     rows = [
         bench_machine.row("command end to end vs search alone", e2e, search["auto"], "kernels/s",
                           e2e / search["auto"], ">= 85%"),
+        bench_machine.row(f"command per extra kernel ({small_n:,} to {n:,}) vs search alone",
+                          per_kernel, search["auto"], "kernels/s", per_kernel / search["auto"]),
+        bench_machine.row("command fixed cost vs bare python + jax start", fixed, bare, "s",
+                          fixed / bare),
         bench_machine.row("command end to end vs fp32 GEMM peak", gflops, peak, "GFLOP/s",
                           gflops / peak, ">= 60%"),
         bench_machine.row(f"search vs naive numpy, n={naive_n:,}", search["auto"],
@@ -180,6 +197,8 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 20_000,
     ]
     figures = {"n": n, "small_n": small_n, "naive_n": naive_n, "codes": M, "dim": D,
                "command_s": wall, "command_small_s": wall_small, "command_kernels_per_s": e2e,
+               "command_per_extra_kernel_per_s": per_kernel, "command_fixed_s": fixed,
+               "bare_jax_start_s": bare,
                "command_gflops": gflops, "gemm_peak_gflops": peak,
                "search_kernels_per_s": {k: search[k] for k in ("auto", "brute", "pruned")},
                "search_choice": search["auto_choice"], "methods_agree": search["identical"],

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from dwjax import atomic, model as model_lib, preprocess, templates
+from dwjax import atomic, decoder, preprocess, templates
 from dwjax.errors import UserError
 
 # Least cosine similarity to the best template for a decoded code to be labelled. Mirrors the
@@ -278,7 +278,9 @@ def propose_labels(
     return validate_labels({"kernel_size": kernel_size, "intervals": intervals})
 
 
-def propose_from_model(model, kernel_size: int, num_codes: int = SPECTRUM_CODES) -> dict:
-    """`propose_labels` on `num_codes` evenly spaced codes decoded by a trained autoencoder."""
-    codes, coords = model_lib.decode_codes(model, num_codes)
+def propose_from_params(params: dict, negative_slope: float, kernel_size: int,
+                        num_codes: int = SPECTRUM_CODES) -> dict:
+    """`propose_labels` on `num_codes` evenly spaced codes decoded by a trained autoencoder's
+    parameters (`workdir.load_params`)."""
+    codes, coords = decoder.decode_codes(params, negative_slope, num_codes)
     return propose_labels(preprocess.coords_to_kernels(coords, kernel_size), codes, kernel_size)

@@ -9,13 +9,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-# Full float32 matmuls on every backend: TPUs default to bfloat16 passes and recent GPUs to TF32,
-# which would move kernels across the clustering threshold and break cross-backend equality.
-PRECISION = jax.lax.Precision.HIGHEST
+from dwjax import decoder
+
+PRECISION = decoder.PRECISION
 
 
 class Autoencoder(nnx.Module):
@@ -51,11 +49,10 @@ class Autoencoder(nnx.Module):
         return jax.nn.sigmoid(self.to_code(x))[:, 0]
 
     def decode(self, codes: jax.Array) -> jax.Array:
-        """codes `[M]` → reconstructions `[M, dim]` in [−1, 1] (not unit length)."""
-        x = self._act(self.from_code(codes[:, None]))
-        for layer in self.decoder[:-1]:
-            x = self._act(layer(x))
-        return jnp.tanh(self.decoder[-1](x))
+        """codes `[M]` → reconstructions `[M, dim]` in [−1, 1] (not unit length); the one decoder
+        pass, shared with inference from saved parameters (dwjax.decoder)."""
+        layers = [(layer.kernel[...], layer.bias[...]) for layer in (self.from_code, *self.decoder)]
+        return decoder.decode_layers(layers, codes, self.negative_slope)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.decode(self.encode(x))
@@ -78,31 +75,12 @@ def init_params(kernel_size: int, hidden: Sequence[int], negative_slope: float, 
     return graphdef, params
 
 
-def abstract_params(kernel_size: int, hidden: Sequence[int], negative_slope: float):
-    """`(graphdef, params)` with shape/dtype structs for leaves: a restore target, no compute."""
-    graphdef, state = nnx.split(nnx.eval_shape(_maker(kernel_size, hidden, negative_slope)))
-    return graphdef, nnx.to_pure_dict(state)
+def graphdef(kernel_size: int, hidden: Sequence[int], negative_slope: float):
+    """The model's structure alone (abstract: no parameters are computed)."""
+    return nnx.split(nnx.eval_shape(_maker(kernel_size, hidden, negative_slope)))[0]
 
 
 def merge(graphdef, params) -> Autoencoder:
     """A usable model from its structure and pure-dict parameters (host or device arrays)."""
     return nnx.merge(graphdef, nnx.State(params))
 
-
-def decode_codes(model: Autoencoder, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(codes [M] float64 = linspace(0, 1, M), coords [M, k*k-1] float32 decoder outputs)`."""
-    codes = np.linspace(0.0, 1.0, num_codes)
-    coords = np.asarray(_decode(model, jnp.asarray(codes, jnp.float32)))
-    return codes, coords
-
-
-@nnx.jit
-def _decode(model: Autoencoder, codes: jax.Array) -> jax.Array:
-    # one compiled program (cached across runs) instead of an op-by-op dispatch of each layer
-    return model.decode(codes)
-
-
-def architecture(config) -> dict:
-    """What a checkpoint must match to be restored into this config (kernel size and widths)."""
-    return {"kernel_size": int(config.kernel_size), "hidden": [int(h) for h in config.model.hidden],
-            "negative_slope": float(config.model.negative_slope)}

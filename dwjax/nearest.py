@@ -50,10 +50,11 @@ an ulp, so the two can differ where a row sits within that ulp of S − TIE_TOL.
 Both methods: host arrays (np.memmap is fine) are streamed in chunks of `chunk_size` kernels; the
 last chunk is padded so there is one compiled shape; each chunk is sharded over the mesh's "data"
 axis (shard_map: every device runs on its rows, reconstructions replicated); two chunks are kept in
-flight so host reads overlap compute. Memory is O(chunk_size·(k² + M/tile_m) + M·d), flat in N, plus
-the two O(N) outputs (8 bytes per kernel). Every dot product is float32 at HIGHEST precision, so
-a TPU/GPU does not silently use bf16 passes. bfloat16 was tried on CPU: the fused dot+max is no
-faster.
+flight so host reads, and whatever the caller does with a chunk (`Searcher.stream`), overlap
+compute. Memory is O(chunk_size·(k² + M/tile_m) + M·d), flat in N, plus the two O(N) outputs
+(8 bytes per kernel) of `nearest_codes`; `Searcher.stream` yields chunks instead. Every dot
+product is float32 at HIGHEST precision, so a TPU/GPU does not silently use bf16 passes. bfloat16
+was tried on CPU: the fused dot+max is no faster.
 
 Dead kernels are screened in the jit with a float32 norm ratio; only rows near the threshold go
 through preprocess.valid_mask (float64, host), so the verdict is exactly valid_mask's without a
@@ -66,6 +67,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,13 +98,25 @@ PRUNED_MAX_RADIUS = 0.04
 MIN_DEVICE_ROWS = 8
 
 
+class Chunk(NamedTuple):
+    """One compiled call's answers for rows `[start, start + n)` of the kernels searched."""
+    start: int
+    idx: np.ndarray       # [n] int32 index into recon, −1 for a dead kernel
+    dis: np.ndarray       # [n] float32 1 − max cosine, DEAD_DISSIMILARITY for a dead kernel
+    raw_sum: np.ndarray   # [n] float32 sum of the raw kernel's weights
+    raw_norm: np.ndarray  # [n] float32 L2 norm of the raw kernel
+
+
 # ------------------------------------------------------------------------------------ per chunk
 
 def _assign_chunk(kernels, r_tiles, basis, tables, m: int, method: str, unroll: int = 1):
-    """`[C, k, k]` raw kernels → `(idx [C] int32, dis [C] float32, ratio [C] float32)`.
+    """`[C, k, k]` raw kernels → `(idx, dis, ratio, raw_sum, raw_norm)`, each `[C]` (idx int32, the
+    rest float32).
 
-    `ratio` = centred norm / raw norm in float32, the dead-kernel screen (see `_valid`); 0 (dead)
-    for a negligible kernel (max |w| below preprocess.DEAD_ABSOLUTE_MAX: an exact float32 test).
+    `ratio` = centred norm / raw norm, the dead-kernel screen (see `_valid`); 0 (dead) for a
+    negligible kernel (max |w| below preprocess.DEAD_ABSOLUTE_MAX: an exact float32 test).
+    `raw_sum` and `raw_norm`, the sum and L2 norm of each raw kernel's weights, come with it: the
+    rows' statistics cost nothing here and would cost a pass over every kernel on the host.
     `tables` is None for brute force.
     """
     x = preprocess.embed(kernels, basis)
@@ -116,7 +130,7 @@ def _assign_chunk(kernels, r_tiles, basis, tables, m: int, method: str, unroll: 
     cn = jnp.linalg.norm(flat - jnp.mean(flat, axis=1, keepdims=True), axis=1)
     big = jnp.max(jnp.abs(flat), axis=1) >= preprocess.DEAD_ABSOLUTE_MAX
     ratio = jnp.where(big, cn / jnp.where(big, raw, 1.0), 0.0)
-    return idx, jnp.clip(1.0 - best, 0.0, 2.0), ratio
+    return idx, jnp.clip(1.0 - best, 0.0, 2.0), ratio, jnp.sum(flat, axis=1), raw
 
 
 def _valid(ratio: np.ndarray, host: np.ndarray) -> np.ndarray:
@@ -143,8 +157,8 @@ def _compiled(mesh: Mesh, m: int, method: str, unroll: int = UNROLL):
     bat, rep = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
     fn = functools.partial(_assign_chunk, m=m, method=method, unroll=unroll)
     per_device = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P(), P(), P()),
-                               out_specs=(P("data"),) * 3)
-    return jax.jit(per_device, in_shardings=(bat, rep, rep, rep), out_shardings=(rep,) * 3)
+                               out_specs=(P("data"),) * 5)
+    return jax.jit(per_device, in_shardings=(bat, rep, rep, rep), out_shardings=(rep,) * 5)
 
 
 def _put(mesh: Mesh, host: np.ndarray) -> jax.Array:
@@ -270,31 +284,45 @@ class Searcher:
 
     def __call__(self, kernels) -> tuple[np.ndarray, np.ndarray]:
         """`[N, k, k]` → `(idx [N] int32, dis [N] float32)`, as `nearest_codes`."""
-        n, k = len(kernels), self.k
+        n = len(kernels)
         idx = np.empty(n, np.int32)
         dis = np.empty(n, np.float32)
+        for chunk in self.stream(kernels):
+            idx[chunk.start:chunk.start + len(chunk.idx)] = chunk.idx
+            dis[chunk.start:chunk.start + len(chunk.idx)] = chunk.dis
+        return idx, dis
+
+    def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        """Rows `[start, stop)` of `kernels [N, k, k]`, one `Chunk` per compiled call, in order.
+
+        `inflight` calls are dispatched ahead of the one returned, so the devices go on searching
+        while the caller writes a chunk's rows. Memory is O(chunk), whatever N.
+        """
+        k = self.k
+        stop = len(kernels) if stop is None else min(stop, len(kernels))
+        n = max(stop - start, 0)
         if n == 0:
-            return idx, dis
+            return
         c = _chunk_rows(self.chunk_size if self.fixed_shape else n, self.chunk_size,
                         self.mesh.size)
         pending: collections.deque = collections.deque()
 
-        def drain():
-            start, rows, host, out = pending.popleft()
-            i_c, d_c, ratio = (np.asarray(o)[:rows] for o in out)
+        def drain() -> Chunk:
+            a, rows, host, out = pending.popleft()
+            i_c, d_c, ratio, raw_sum, raw_norm = (np.asarray(o)[:rows] for o in out)
             valid = _valid(ratio, host[:rows])
-            idx[start:start + rows] = np.where(valid, i_c, -1)
-            dis[start:start + rows] = np.where(valid, d_c, DEAD_DISSIMILARITY)
+            return Chunk(a, np.where(valid, i_c, -1).astype(np.int32),
+                         np.where(valid, d_c, DEAD_DISSIMILARITY).astype(np.float32),
+                         raw_sum, raw_norm)
 
-        for start in range(0, n, c):
-            host = np.asarray(kernels[start:start + c], np.float32).reshape(-1, k, k)
+        for a in range(start, stop, c):
+            host = np.asarray(kernels[a:min(a + c, stop)], np.float32).reshape(-1, k, k)
             rows = len(host)
             if rows < c:  # pad the last chunk: one compiled shape; padded rows are dropped
                 host = np.concatenate([host, np.zeros((c - rows, k, k), np.float32)])
-            pending.append((start, rows, host, self.fn(_put(self.mesh, host), self.r_tiles,
-                                                       self.basis, self.tables)))
+            pending.append((a, rows, host, self.fn(_put(self.mesh, host), self.r_tiles,
+                                                   self.basis, self.tables)))
             if len(pending) > self.inflight:
-                drain()
+                yield drain()
         while pending:
-            drain()
-        return idx, dis
+            yield drain()

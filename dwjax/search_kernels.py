@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-from dwjax import preprocess
 
 # Tie tolerance (see dwjax/nearest.py's docstring).
 TIE_TOL = 2.0 ** -22
@@ -33,17 +30,18 @@ def _dot_t(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST)
 
 
-def tiles(recon, tile_m: int):
-    """`[M, d]` → unit rows, padded to a multiple of tile_m and shaped `[M_pad/tile_m, tile_m, d]`.
+def tiles(recon, tile_m: int) -> np.ndarray:
+    """`[M, d]` → unit rows (normalised in float64 on the host, then rounded to float32), padded
+    to a multiple of tile_m and shaped `[M_pad/tile_m, tile_m, d]`; zero rows stay zero.
 
     Padding repeats the last row: a copy of row M−1 ties it exactly but sits after it, so the
     lowest-index rule never picks a pad (and idx is clipped to M−1 besides).
     """
-    r = preprocess.normalise_rows(jnp.asarray(recon, jnp.float32))
-    m = r.shape[0]
-    pad = (-m) % tile_m
+    r = np.asarray(recon, np.float64)
+    r = (r / np.maximum(np.linalg.norm(r, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+    pad = (-len(r)) % tile_m
     if pad:
-        r = jnp.concatenate([r, jnp.broadcast_to(r[-1:], (pad, r.shape[1]))], axis=0)
+        r = np.concatenate([r, np.repeat(r[-1:], pad, axis=0)])
     return r.reshape(-1, tile_m, r.shape[1])
 
 
@@ -234,7 +232,8 @@ def nearest_block(x, r_tiles, m: int, unroll: int = 1):
 # ---------------------------------------------------------------------------------------- pruned
 
 class PrunedTables(NamedTuple):
-    """Host-built bounds for the pruned search (see `pruned_tables`); a pytree of device arrays.
+    """Host-built bounds for the pruned search (see `pruned_tables`); a pytree of float32 arrays
+    (numpy as built; put them on the devices once per job).
 
     reps: `[T_pad, d]` one real row per tile (its middle row), padded with copies of the last to
       a multiple of 64 rows; the exact similarity to these is each kernel's lower bound.
@@ -244,11 +243,11 @@ class PrunedTables(NamedTuple):
     radius: `[]` the median cap radius ρ in radians: ~0.03 for a decoder's curve of 10,000 codes
       (SUB_M = 32), ~1.5 for random rows, where the bound prunes nothing.
     """
-    reps: jax.Array
-    caps: jax.Array
-    thr_slack: jax.Array
-    cap_slack: jax.Array
-    radius: jax.Array
+    reps: np.ndarray
+    caps: np.ndarray
+    thr_slack: np.ndarray
+    cap_slack: np.ndarray
+    radius: np.ndarray
 
 
 def pruned_tables(r_tiles: np.ndarray) -> PrunedTables:
@@ -276,7 +275,7 @@ def pruned_tables(r_tiles: np.ndarray) -> PrunedTables:
     kept unless its value is below −cap_slack, cap_slack = that sum + 2⁻²⁰.
 
     Returns:
-      PrunedTables of device arrays (float32).
+      PrunedTables of numpy float32 arrays.
     """
     rt = np.asarray(r_tiles, np.float32)
     n_tiles, tile_m, d = rt.shape
@@ -307,8 +306,8 @@ def pruned_tables(r_tiles: np.ndarray) -> PrunedTables:
 
     thr_slack = 3 * gamma(d) + _NORM_TOL + eps_r + 4 * _U
     cap_slack = 2.1 * gamma(d + 2) + 2 * (_NORM_TOL + eps_c) + 4 * _U + 2.0 ** -20
-    return PrunedTables(jnp.asarray(reps), jnp.asarray(caps), jnp.float32(thr_slack),
-                        jnp.float32(cap_slack), jnp.float32(np.median(rho)))
+    return PrunedTables(reps, caps, np.float32(thr_slack), np.float32(cap_slack),
+                        np.float32(np.median(rho)))
 
 
 def pruned_search(x, r_tiles, tables: PrunedTables, window: int = WINDOW_TILES):

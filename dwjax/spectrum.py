@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from absl import app, flags
 
-from dwjax import atomic, cli, figures, labels as labels_lib, model as model_lib, paths
+from dwjax import atomic, cli, figures, decoder, labels as labels_lib, paths
 from dwjax import preprocess, templates, workdir as workdir_lib
 from dwjax.errors import ConfigError
 
@@ -26,9 +26,9 @@ def run_spectrum(workdir: str, num_codes: int = labels_lib.SPECTRUM_CODES, relab
     if num_codes < 2:
         raise ConfigError(f"--num_codes {num_codes}: need at least 2")
     run = workdir_lib.RunDir(workdir)
-    model, config = workdir_lib.load_model(run)
+    params, config = workdir_lib.load_params(run)
     k = int(config.kernel_size)
-    codes, coords = model_lib.decode_codes(model, num_codes)
+    codes, coords = decoder.decode_codes(params, config.model.negative_slope, num_codes)
     kernels = preprocess.coords_to_kernels(coords, k)
     atomic.save_npz(run.spectrum_npz, codes=codes, coords=coords, kernels=kernels)
     if relabel or not os.path.exists(run.labels_json):

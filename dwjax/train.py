@@ -45,7 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     # Everything a user can get wrong is checked before the run directory is touched.
     training.validate_config(config)
     run = workdir_lib.RunDir(workdir)
-    workdir_lib.check_architecture(run, model_lib.architecture(config))
+    workdir_lib.check_architecture(run, workdir_lib.architecture(config))
     mesh = mesh_lib.data_mesh()
     dataset = data.KernelDataset(data_dir, config.kernel_size)
     training.check_fits(config, mesh.devices.size, len(dataset))
@@ -61,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
            dataset: data.KernelDataset, mesh, log: Callable[[str], None],
            stop_after_epochs: int | None) -> TrainResult:
-    arch = model_lib.architecture(config)
+    arch = workdir_lib.architecture(config)
     workdir_lib.check_architecture(run, arch)  # again: another run may have finished meanwhile
     steps_per_epoch = len(dataset) // config.batch_size
     graphdef, params = model_lib.init_params(config.kernel_size, config.model.hidden,

@@ -21,7 +21,7 @@ import os
 
 import ml_collections
 
-from dwjax import atomic, model as model_lib, run_checkpoints
+from dwjax import atomic, decoder, run_checkpoints
 from dwjax.errors import RunDirError
 
 
@@ -142,17 +142,34 @@ def write_config(run: RunDir, config: ml_collections.ConfigDict, architecture: d
                                         "config": json.loads(config.to_json_best_effort())})
 
 
-def load_model(run: RunDir):
-    """`(model, config)`: the autoencoder with the latest checkpoint's parameters (no optimizer
-    state is read or built)."""
+def architecture(config: ml_collections.ConfigDict) -> dict:
+    """config.json's "architecture": what a checkpoint must match to be restored into this config
+    (kernel size and widths)."""
+    return {"kernel_size": int(config.kernel_size), "hidden": [int(h) for h in config.model.hidden],
+            "negative_slope": float(config.model.negative_slope)}
+
+
+def load_params(run: RunDir) -> tuple[dict, ml_collections.ConfigDict]:
+    """`(params, config)`: the latest checkpoint's pure-dict parameters (host arrays, the layout of
+    `decoder.param_template`) and the train config. No optimizer state is read or built, and flax
+    is not imported: what inference (`decoder.decode_codes`) needs."""
     config = read_config(run)
-    arch = model_lib.architecture(config)
-    graphdef, abstract = model_lib.abstract_params(config.kernel_size, config.model.hidden,
-                                                   config.model.negative_slope)
-    params = run_checkpoints.load_inference(run.model_npz, abstract, arch,
+    arch = architecture(config)
+    template = decoder.param_template(config.kernel_size, config.model.hidden)
+    params = run_checkpoints.load_inference(run.model_npz, template, arch,
                                             run_checkpoints.latest_step(run.checkpoints))
     if params is None:  # no model.npz, or one older than the newest checkpoint
-        params, _ = run_checkpoints.restore_params(run.checkpoints, abstract, arch)
+        params, _ = run_checkpoints.restore_params(run.checkpoints, template, arch)
     if params is None:
         raise RunDirError(f"--workdir {run.path}: no checkpoint (train first)")
-    return model_lib.merge(graphdef, params), config
+    return params, config
+
+
+def load_model(run: RunDir):
+    """`(model, config)`: the nnx autoencoder with the latest checkpoint's parameters."""
+    from dwjax import model as model_lib  # flax: only for callers that want the module
+
+    params, config = load_params(run)
+    structure = model_lib.graphdef(config.kernel_size, config.model.hidden,
+                                   config.model.negative_slope)
+    return model_lib.merge(structure, params), config

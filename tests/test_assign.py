@@ -12,8 +12,8 @@ from dwjax.configs import train as train_configs
 from dwjax import (
     assign,
     convert,
+    decoder,
     labels as labels_lib,
-    model as model_lib,
     shards,
     sources,
     spectrum,
@@ -70,8 +70,8 @@ def test_assignment_rows_equal_brute_force(dog_run, tmp_path):
     exact-index
     check on well-separated random data is in test_nearest)."""
     workdir, d, _ = dog_run
-    model, _ = workdir_lib.load_model(workdir_lib.RunDir(workdir))
-    codes, recon = model_lib.decode_codes(model, 10_000)
+    params, config = workdir_lib.load_params(workdir_lib.RunDir(workdir))
+    codes, recon = decoder.decode_codes(params, config.model.negative_slope, 10_000)
     shard = next(shards.iter_shards(d, 7))
     ref_idx, ref_dis = nearest_codes_reference(shard.kernels, recon)
     rows = _rows(workdir)
@@ -123,23 +123,23 @@ def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
                 for p in glob.glob(os.path.join(fresh, "assignments", "*.parquet"))}
 
     calls = []
-    real = assign.nearest.Searcher.__call__
+    real = assign.nearest.Searcher.stream
 
     def dies_on_second_shard(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")
-        return real(*a, **kw)
+        yield from real(*a, **kw)
 
     import shutil
 
     shutil.rmtree(os.path.join(fresh, "assignments"))
-    assign.nearest.Searcher.__call__ = dies_on_second_shard
+    assign.nearest.Searcher.stream = dies_on_second_shard
     try:
         with pytest.raises(KeyboardInterrupt):
             assign.assign(fresh, d, **QUIET)
     finally:
-        assign.nearest.Searcher.__call__ = real
+        assign.nearest.Searcher.stream = real
     assert len(glob.glob(os.path.join(fresh, "assignments", "*.parquet"))) == 1
     logs = []
     again = assign.assign(fresh, d, log=logs.append)

@@ -59,16 +59,20 @@ def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
     assert rows["label"].dtype.name == "category"  # dictionary-encoded
     # the arrays they were written from: classifier outputs and raw statistics
     clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(w), 10_000, 0.2, 1 << 15)
-    code, dis, clustered, label = clf(kernels.astype(np.float32))
+    code, dis, clustered, label, total, norm = clf(kernels.astype(np.float32))
     got = _sorted(rows)  # shard order: src0, src1, src2; layer; channel
     np.testing.assert_array_equal(got["code"].to_numpy(), code)
     np.testing.assert_array_equal(got["dissimilarity"].to_numpy(), dis.astype(np.float32))
     np.testing.assert_array_equal(got["clustered"].to_numpy(), clustered)
     np.testing.assert_array_equal(got["label"].to_numpy(),
                                   np.asarray(clf.label_names)[label])
+    np.testing.assert_array_equal(got["total_activation"].to_numpy(), total)
+    np.testing.assert_array_equal(got["norm"].to_numpy(), norm)
+    # summed in float32 on the devices: within float32 rounding of the float64 sums (γ_n bounds)
     k64 = kernels.astype(np.float32).astype(np.float64).reshape(900, -1)
-    np.testing.assert_allclose(got["total_activation"], k64.sum(1), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got["norm"], np.linalg.norm(k64, axis=1), rtol=1e-6)
+    gamma = k64.shape[1] * 2.0 ** -24 / (1 - k64.shape[1] * 2.0 ** -24)
+    assert (np.abs(total - k64.sum(1)) <= gamma * np.abs(k64).sum(1) + 1e-30).all()
+    np.testing.assert_allclose(norm, np.linalg.norm(k64, axis=1), rtol=2 * gamma)
     dead = got[got["label"] == assignments.DEAD]
     assert len(dead) == 2 and dead["code"].isna().all() and dead["dissimilarity"].isna().all()
     assert not dead["clustered"].any()
@@ -210,7 +214,7 @@ def test_progress_line_reports_rate_and_eta():
 def test_negligible_kernels_are_dead_and_small_ones_keep_their_answer(small_run, tmp_path):
     """One dead rule, scale-aware: a ~1e-20 kernel is dead (not "live" with an arbitrary code);
     a 1e-6 copy of a kernel gets the answer of the kernel itself (to float32 rounding of the
-    scaled copy: a near-tie may move to the neighbouring code)."""
+    scaled copy: a near-tie may move to a nearby code of the same dissimilarity)."""
     run, _, kernels = small_run
     base = kernels[:50].astype(np.float32)
     mixed = np.concatenate([base, base * np.float32(1e-6), base * np.float32(1e-20)])
@@ -223,5 +227,7 @@ def test_negligible_kernels_are_dead_and_small_ones_keep_their_answer(small_run,
     live = first["label"] != assignments.DEAD
     assert live.sum() == 48  # the two all-zero kernels of the fixture are dead at every scale
     a, b = small["code"].to_numpy()[live.to_numpy()], first["code"].to_numpy()[live.to_numpy()]
-    assert (a == b).mean() > 0.9 and np.abs(a - b).max() <= 2.5e-4  # ≤ 2 of 10,000 code steps
+    # along a flat stretch of the curve neighbouring codes are within float32 rounding of each
+    # other: ≤ 5 of 10,000 code steps, as for the float64 reference (test_assign)
+    assert (a == b).mean() > 0.9 and np.abs(a - b).max() <= 5.5e-4
     np.testing.assert_allclose(small["dissimilarity"], first["dissimilarity"], atol=2e-6)

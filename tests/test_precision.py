@@ -74,9 +74,9 @@ def test_preprocess_and_kmeans_dots_are_highest():
     assert_highest_precision(lloyd, min_dots=1)
 
 
-def test_train_step_and_decoder_dots_are_highest():
-    """Every dot of the jitted train step (forward, backward, optimizer) and of decoding states
-    HIGHEST, so a TPU or GPU trains and decodes what the CPU does."""
+def test_train_step_dots_are_highest():
+    """Every dot of the jitted train step (forward, backward, optimizer) states HIGHEST, so a TPU
+    or GPU trains what the CPU does. (Inference decodes on the host in float64: test_decoder.)"""
     from dwjax import model as model_lib, training
     from dwjax.configs import train as train_configs
 
@@ -89,7 +89,4 @@ def test_train_step_and_decoder_dots_are_highest():
     kernels = jnp.zeros((2, 8, 5, 5), jnp.float32)
     text = steps.lower(params, tx.init(params), kernels).as_text()
     n = assert_highest_precision(text, min_dots=10)  # 10 layers forward alone
-    model = model_lib.merge(graphdef, params)
-    decode = model_lib._decode.lower(model, jnp.zeros((16,), jnp.float32)).as_text()
-    assert assert_highest_precision(decode, min_dots=5) >= 5
     assert n >= 20  # and their gradients
