@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import mmap
 from typing import Iterator, NamedTuple
 
 import jax
@@ -159,6 +160,27 @@ def _compiled(mesh: Mesh, m: int, method: str, unroll: int = UNROLL):
     per_device = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P(), P(), P()),
                                out_specs=(P("data"),) * 5)
     return jax.jit(per_device, in_shardings=(bat, rep, rep, rep), out_shardings=(rep,) * 5)
+
+
+def _release_pages(kernels, start: int, stop: int) -> None:
+    """Rows `[start, stop)` of a memory-mapped array leave this process's resident memory (the
+    pages stay in the page cache; a later read maps them again). Without it every page read stays
+    mapped and the resident set grows with N although only a chunk is in use. No-op for other
+    arrays."""
+    mm = getattr(kernels, "_mmap", None)  # np.memmap keeps its mmap.mmap here
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED") or stop <= start:
+        return
+    view = np.frombuffer(mm, np.uint8)
+    base = view.ctypes.data
+    del view  # an exported buffer would keep the mmap from being closed
+    row = kernels.strides[0]
+    lo = kernels[start:start + 1].ctypes.data - base
+    hi = lo + (stop - start) * row
+    page = mmap.PAGESIZE
+    lo = -(-lo // page) * page  # whole pages inside the rows only
+    hi = hi // page * page
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _put(mesh: Mesh, host: np.ndarray) -> jax.Array:
@@ -311,6 +333,7 @@ class Searcher:
             a, rows, host, out = pending.popleft()
             i_c, d_c, ratio, raw_sum, raw_norm = (np.asarray(o)[:rows] for o in out)
             valid = _valid(ratio, host[:rows])
+            _release_pages(kernels, a, a + rows)
             return Chunk(a, np.where(valid, i_c, -1).astype(np.int32),
                          np.where(valid, d_c, DEAD_DISSIMILARITY).astype(np.float32),
                          raw_sum, raw_norm)
