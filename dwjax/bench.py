@@ -28,6 +28,7 @@ SIZES = {
     "assign_n": (1_000_000, 200_000),
     "assign_small_n": (250_000, 50_000),
     "naive_n": (20_000, 10_000),
+    "assign_5x5_n": (500_000, 200_000),
 }
 
 
@@ -60,7 +61,7 @@ def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str 
                                            synthetic=s["train_synthetic"], log=log))
         else:
             entries.append(bench_assign.run(s["assign_n"], s["assign_small_n"], s["naive_n"],
-                                            log=log))
+                                            n_5x5=s["assign_5x5_n"], log=log))
     result = {"format": "dwjax-bench/1", "quick": quick, "sizes": s, "machine": machine,
               "load_average_end": bench_machine.load_average(),
               "seconds": time.perf_counter() - t0, "benchmarks": entries}
@@ -86,7 +87,7 @@ def table(result: dict) -> str:
             lines.append(f"{e['benchmark']:<9}{e['skipped']}")
         for r in e["rows"]:
             ratio = "-" if r["ratio"] is None else (
-                f"{r['ratio']:.0%}" if "%" in r["target"] else f"{r['ratio']:.2f}x")
+                f"{r['ratio']:.0%}" if r.get("percent") else f"{r['ratio']:.2f}x")
             what = f"{r['what']} [{r['unit']}]"
             lines.append(f"{e['benchmark']:<9}{what:<47}{_fmt(r['ours']):>11}"
                          f"{_fmt(r['reference']):>11}{ratio:>8}  {r['target']}".rstrip())
@@ -126,6 +127,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("assign_n", None, "Kernels of the assign benchmark.")
     flags.DEFINE_integer("assign_small_n", None, "The smaller N of the peak-RSS comparison.")
     flags.DEFINE_integer("naive_n", None, "Kernels of the naive full-matrix assignment.")
+    flags.DEFINE_integer("assign_5x5_n", None, "Real 5x5 kernels (repeated) of the trained-5x5 "
+                         "pruned vs brute-force comparison; 0 skips it.")
 
 
 def main(argv):
@@ -135,7 +138,7 @@ def main(argv):
     with cli.user_errors("bench"):
         sizes = {k: getattr(FLAGS, k) for k in SIZES}
         for k, v in sizes.items():
-            if isinstance(v, int) and v < (0 if k == "train_synthetic" else 1):
+            if isinstance(v, int) and v < (0 if k in ("train_synthetic", "assign_5x5_n") else 1):
                 raise ConfigError(f"--{k} {v}: must be at least 1")
         json_path = FLAGS.json or os.path.join(paths.home(), "bench.json")
         result = run_bench(FLAGS.parts, FLAGS.quick, json_path, **sizes)

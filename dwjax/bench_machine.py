@@ -87,11 +87,12 @@ def describe() -> dict:
 
 
 def row(what: str, ours: float | None, reference: float | None, unit: str, ratio: float | None,
-        target: str = "") -> dict:
+        target: str = "", percent: bool = False) -> dict:
     """One line of the table: `ratio` is how many times better ours is (or a fraction, where the
-    reference is a ceiling such as the GEMM peak); None where a side was not measured."""
+    reference is a ceiling such as the GEMM peak: `percent`, or a target with %); None where a
+    side was not measured."""
     return {"what": what, "ours": ours, "reference": reference, "unit": unit, "ratio": ratio,
-            "target": target}
+            "target": target, "percent": percent or "%" in target}
 
 
 def skipped(name: str, reason: str) -> dict:
