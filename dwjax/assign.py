@@ -16,12 +16,14 @@ hosts of one JAX job.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import os
 import time
 from typing import Callable, Iterator, NamedTuple
 
+import jax
 import numpy as np
 from absl import app, flags
 
@@ -48,6 +50,9 @@ class Rows(NamedTuple):
 
     @staticmethod
     def concat(parts: list["Rows"]) -> "Rows":
+        if not parts:
+            return Rows(np.empty(0), np.empty(0, np.float32), np.empty(0, bool),
+                        np.empty(0, np.int32), np.empty(0, np.float32), np.empty(0, np.float32))
         return Rows(*(np.concatenate(cols) for cols in zip(*parts)))
 
 
@@ -170,16 +175,33 @@ class KMeansClassifier:
         live = preprocess.valid_mask(kernels)
         cluster, dist = kmeans.assign_kmeans(x, self.centroids, self.chunk_size)
         label = np.where(live, self.cluster_label[cluster], len(self.label_names) - 1)
-        flat = kernels.reshape(len(kernels), -1).astype(np.float64)
+        total, norm, _ = (np.asarray(v) for v in _raw_statistics(kernels))
         return Rows(np.where(live, cluster, np.nan),
                     np.where(live, dist, np.nan).astype(np.float32), live,
-                    label.astype(np.int32), flat.sum(axis=1).astype(np.float32),
-                    np.sqrt(np.einsum("ij,ij->i", flat, flat)).astype(np.float32))
+                    label.astype(np.int32), total, norm)
 
     def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
+        """As AutoencoderClassifier's: the next block is classified (in a worker thread, on the
+        devices) while the caller writes this one."""
         stop = len(kernels) if stop is None else min(stop, len(kernels))
-        for a in range(start, stop, self.chunk_size):
-            yield self(kernels[a:min(a + self.chunk_size, stop)])
+        starts = list(range(start, stop, self.chunk_size))
+
+        def classify(a: int) -> Rows:
+            b = min(a + self.chunk_size, stop)
+            rows = self(kernels[a:b])
+            shards.release_pages(kernels, a, b)
+            return rows
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(classify, starts[0]) if starts else None
+            for i in range(len(starts)):
+                rows = pending.result()
+                pending = pool.submit(classify, starts[i + 1]) if i + 1 < len(starts) else None
+                yield rows
+
+
+# the rows' raw statistics for the k-means path (the autoencoder's come with its search)
+_raw_statistics = jax.jit(preprocess.raw_statistics)
 
 
 class _Progress:
@@ -270,7 +292,7 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
     mine = plan[worker_index::num_workers]
     finished = [assignments.is_done(out_dir, p, k, fmt) for p in mine]
     progress = _Progress(sum(p.stop - p.start for p, f in zip(mine, finished) if not f), log)
-    block = max(1, chunk_size) * 4  # a few compiled calls per block keep the devices' queue full
+    block = max(1, chunk_size) * 4  # rows per Parquet row group (at least; whole chunks)
     for part, already in zip(mine, finished):
         where = "" if part.whole else f" rows [{part.start:,}, {part.stop:,})"
         if already:

@@ -243,7 +243,7 @@ def _arrow(values: np.ndarray):
     """A numeric or bool `[n]` array → pyarrow Array (zero-copy except bools, bit-packed)."""
     import pyarrow as pa
 
-    values = np.ascontiguousarray(values)
+    values = np.ascontiguousarray(values, values.dtype.newbyteorder("="))  # native byte order
     if values.dtype == bool:
         data = np.packbits(values, bitorder="little")
         return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(data)])

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import mmap
 from typing import Iterator, NamedTuple
 
 import jax
@@ -76,7 +75,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dwjax import mesh as mesh_lib
-from dwjax import preprocess
+from dwjax import preprocess, shards
 from dwjax.search_kernels import (  # noqa: F401  (TIE_TOL, nearest_block: part of the API)
     TIE_TOL, nearest_block, pruned_search, pruned_tables, tiles)
 
@@ -116,8 +115,8 @@ def _assign_chunk(kernels, r_tiles, basis, tables, m: int, method: str, unroll: 
 
     `ratio` = centred norm / raw norm, the dead-kernel screen (see `_valid`); 0 (dead) for a
     negligible kernel (max |w| below preprocess.DEAD_ABSOLUTE_MAX: an exact float32 test).
-    `raw_sum` and `raw_norm`, the sum and L2 norm of each raw kernel's weights, come with it: the
-    rows' statistics cost nothing here and would cost a pass over every kernel on the host.
+    `raw_sum` and `raw_norm` (preprocess.raw_statistics) come with it: the rows' statistics cost
+    nothing here and would cost a pass over every kernel on the host.
     `tables` is None for brute force.
     """
     x = preprocess.embed(kernels, basis)
@@ -127,11 +126,11 @@ def _assign_chunk(kernels, r_tiles, basis, tables, m: int, method: str, unroll: 
     else:
         idx, best = nearest_block(x, r_tiles, m, unroll)
     flat = kernels.reshape(kernels.shape[0], -1).astype(jnp.float32)
-    raw = jnp.linalg.norm(flat, axis=1)
+    total, raw, peak = preprocess.raw_statistics(kernels)
     cn = jnp.linalg.norm(flat - jnp.mean(flat, axis=1, keepdims=True), axis=1)
-    big = jnp.max(jnp.abs(flat), axis=1) >= preprocess.DEAD_ABSOLUTE_MAX
+    big = peak >= preprocess.DEAD_ABSOLUTE_MAX
     ratio = jnp.where(big, cn / jnp.where(big, raw, 1.0), 0.0)
-    return idx, jnp.clip(1.0 - best, 0.0, 2.0), ratio, jnp.sum(flat, axis=1), raw
+    return idx, jnp.clip(1.0 - best, 0.0, 2.0), ratio, total, raw
 
 
 def _valid(ratio: np.ndarray, host: np.ndarray) -> np.ndarray:
@@ -160,27 +159,6 @@ def _compiled(mesh: Mesh, m: int, method: str, unroll: int = UNROLL):
     per_device = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P(), P(), P()),
                                out_specs=(P("data"),) * 5)
     return jax.jit(per_device, in_shardings=(bat, rep, rep, rep), out_shardings=(rep,) * 5)
-
-
-def _release_pages(kernels, start: int, stop: int) -> None:
-    """Rows `[start, stop)` of a memory-mapped array leave this process's resident memory (the
-    pages stay in the page cache; a later read maps them again). Without it every page read stays
-    mapped and the resident set grows with N although only a chunk is in use. No-op for other
-    arrays."""
-    mm = getattr(kernels, "_mmap", None)  # np.memmap keeps its mmap.mmap here
-    if mm is None or not hasattr(mmap, "MADV_DONTNEED") or stop <= start:
-        return
-    view = np.frombuffer(mm, np.uint8)
-    base = view.ctypes.data
-    del view  # an exported buffer would keep the mmap from being closed
-    row = kernels.strides[0]
-    lo = kernels[start:start + 1].ctypes.data - base
-    hi = lo + (stop - start) * row
-    page = mmap.PAGESIZE
-    lo = -(-lo // page) * page  # whole pages inside the rows only
-    hi = hi // page * page
-    if hi > lo:
-        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _put(mesh: Mesh, host: np.ndarray) -> jax.Array:
@@ -318,8 +296,11 @@ class Searcher:
         """Rows `[start, stop)` of `kernels [N, k, k]`, one `Chunk` per compiled call, in order.
 
         `inflight` calls are dispatched ahead of the one returned, so the devices go on searching
-        while the caller writes a chunk's rows. Memory is O(chunk), whatever N.
+        while the caller writes a chunk's rows. Memory is O(chunk), whatever N: a read-only
+        memmap's searched rows are released (shards.release_pages).
         """
+        if start < 0:
+            raise ValueError(f"start must be ≥ 0; got {start}")
         k = self.k
         stop = len(kernels) if stop is None else min(stop, len(kernels))
         n = max(stop - start, 0)
@@ -333,7 +314,7 @@ class Searcher:
             a, rows, host, out = pending.popleft()
             i_c, d_c, ratio, raw_sum, raw_norm = (np.asarray(o)[:rows] for o in out)
             valid = _valid(ratio, host[:rows])
-            _release_pages(kernels, a, a + rows)
+            shards.release_pages(kernels, a, a + rows)
             return Chunk(a, np.where(valid, i_c, -1).astype(np.int32),
                          np.where(valid, d_c, DEAD_DISSIMILARITY).astype(np.float32),
                          raw_sum, raw_norm)

@@ -70,6 +70,19 @@ def centre_and_normalise(kernels):
     return centred / jnp.where(norm > 0, norm, 1.0)
 
 
+def raw_statistics(kernels):
+    """`[N, k, k]` raw kernels → `(total [N], norm [N], peak [N])` float32 (jit-able): the sum of
+    each kernel's weights, their L2 norm and their largest |w|. The norm is taken of the kernel
+    divided by its peak, so a kernel whose squares fall below float32's range (a ~1e-20 one)
+    still gets its norm, not 0. Float32 sums are within γₙ·Σ|w| of exact (γₙ = nu/(1 − nu), u =
+    2⁻²⁴): relative to the kernel's magnitude, not to a total near zero."""
+    flat = jnp.reshape(kernels, (kernels.shape[0], -1)).astype(jnp.float32)
+    peak = jnp.max(jnp.abs(flat), axis=1)
+    scale = jnp.where(peak > 0, peak, 1.0)
+    norm = peak * jnp.linalg.norm(flat / scale[:, None], axis=1)
+    return jnp.sum(flat, axis=1), norm, peak
+
+
 def embed(kernels, basis=None):
     """`[N, k, k]` → `[N, k*k-1]` unit coordinates in the hyperplane basis (jit-able)."""
     k = int(round(np.sqrt(np.prod(kernels.shape[1:]))))

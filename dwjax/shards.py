@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -264,6 +265,28 @@ def iter_shards(data_dir: str, kernel_size: int) -> Iterator[Shard]:
             {l["layer"]: l["name"] for l in layers},
             entry["files"][f"k{key}.npy"]["sha256"],
         )
+
+
+def release_pages(kernels, start: int, stop: int) -> None:
+    """Rows `[start, stop)` of a read-only memory-mapped array (a shard's `kernels`) leave this
+    process's resident memory once read: the pages stay in the page cache and a later read maps
+    them again. Without it every page a long job reads stays mapped, and the resident set grows
+    with the shard although one chunk is in use. A no-op for other arrays, and for writable or
+    copy-on-write maps, whose changes the advice could discard."""
+    mm = getattr(kernels, "_mmap", None)  # np.memmap keeps its mmap.mmap here
+    if (mm is None or getattr(kernels, "mode", None) != "r"
+            or not hasattr(mmap, "MADV_DONTNEED") or stop <= start):
+        return
+    view = np.frombuffer(mm, np.uint8)
+    base = view.ctypes.data
+    del view  # an exported buffer would keep the mmap from being closed
+    lo = kernels[start:start + 1].ctypes.data - base
+    hi = lo + (stop - start) * kernels.strides[0]
+    page = mmap.PAGESIZE
+    lo = -(-lo // page) * page  # whole pages inside the rows only
+    hi = hi // page * page
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def count_kernels(data_dir: str, kernel_size: int) -> int:

@@ -15,9 +15,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DWJAX_HOM
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
   python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|numpy|pyarrow|ml.collections) ' || true
 } 2>&1 | tee "$out/device.txt"
-# Tests that need no embedded-default weights: search, precision, k-means, preprocessing, the house.
+# Tests that need no embedded-default weights: search, precision, k-means, preprocessing, the house,
+# the decoder.
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_nearest.py tests/test_precision.py \
-  tests/test_kmeans.py tests/test_preprocess.py tests/test_architecture.py 2>&1 | tail -15 | tee "$out/tests.txt"
+  tests/test_kmeans.py tests/test_preprocess.py tests/test_architecture.py tests/test_decoder.py \
+  2>&1 | tail -15 | tee "$out/tests.txt"
 # The assign and train benchmarks (one table, absolute times on a GPU/TPU) and their JSON.
 timeout 300 python3 -m dwjax.bench --parts=assign,train --train_synthetic=200000 \
   --train_epochs=5 --train_batch_size=4096 --json="$out/bench.json" 2>&1 | tail -20 \

@@ -231,3 +231,26 @@ def test_negligible_kernels_are_dead_and_small_ones_keep_their_answer(small_run,
     # other: ≤ 5 of 10,000 code steps, as for the float64 reference (test_assign)
     assert (a == b).mean() > 0.9 and np.abs(a - b).max() <= 5.5e-4
     np.testing.assert_allclose(small["dissimilarity"], first["dissimilarity"], atol=2e-6)
+    # the raw statistics of a ~1e-20 kernel, whose squares underflow float32: its norm still
+    np.testing.assert_allclose(tiny["norm"].to_numpy(), 1e-20 * first["norm"].to_numpy(),
+                               rtol=1e-5)
+    assert (tiny["norm"].to_numpy()[live.to_numpy()] > 0).all()
+
+
+def test_arrow_columns_and_empty_rows(small_run):
+    """Columns built from numpy buffers (pa.array would import pandas) round-trip: bools of any
+    length (bit-packed), non-native byte order, any strings; a classifier given no kernels gives
+    empty rows of the right dtypes."""
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 13):
+        b = rng.random(n) < 0.5
+        assert assignments._arrow(b).to_pylist() == b.tolist()
+    assert assignments._arrow(np.arange(5, dtype=">i4")).to_pylist() == [0, 1, 2, 3, 4]
+    words = ["", "a,b", "ünïcödé", "层", 'q"uote']
+    assert assignments._arrow_strings(words).to_pylist() == words
+    run, _, _ = small_run
+    clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(run), 1000, 0.2, 256, **QUIET)
+    rows = clf(np.zeros((0, 5, 5), np.float32))
+    assert [len(c) for c in rows] == [0] * 6
+    assert [c.dtype for c in rows] == [np.float64, np.float32, bool, np.int32, np.float32,
+                                       np.float32]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwjax import nearest, preprocess, search_kernels
+from dwjax import nearest, preprocess, search_kernels, shards
 from tests.reference import curve_kernels, nearest_codes_reference, similarities, template_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,3 +281,37 @@ def test_choose_method():
     recon = template_curve(5, 10_000)
     nearest.nearest_codes(curve_kernels(recon, 8), recon, log=lines.append)
     assert len(lines) == 1 and "pruned" in lines[0] and jax.default_backend() == "cpu"
+
+
+def test_stream_is_the_whole_search_cut_at_any_rows_and_keeps_memory_flat(tmp_path):
+    """Searcher.stream(start, stop) gives the rows of one whole call; the pages of a read-only
+    memmap it has searched leave the resident set (and their values are untouched); a
+    copy-on-write map is never released (its edits would be lost)."""
+    rng = np.random.default_rng(4)
+    recon = rng.standard_normal((300, 24)).astype(np.float32)
+    path = str(tmp_path / "k.npy")
+    np.save(path, rng.standard_normal((200_000, 5, 5)).astype(np.float32))
+    mm = np.load(path, mmap_mode="r")
+    search = nearest.Searcher(recon, 5, chunk_size=4096, fixed_shape=True)
+    idx, dis = search(mm[:20_000])
+    chunks = list(search.stream(mm, 1000, 30_000_000))  # stop past the end: clipped
+    assert chunks[0].start == 1000 and sum(len(c.idx) for c in chunks) == len(mm) - 1000
+    got = np.concatenate([c.idx for c in chunks])
+    np.testing.assert_array_equal(got[:19_000], idx[1000:])
+    np.testing.assert_array_equal(np.concatenate([c.dis for c in chunks])[:19_000], dis[1000:])
+    with pytest.raises(ValueError, match="start"):
+        next(search.stream(mm, -1))
+
+    def rss_file_kib() -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("RssFile:")).split()[1])
+
+    whole = np.asarray(mm).sum()  # every page mapped
+    before = rss_file_kib()
+    shards.release_pages(mm, 0, len(mm))
+    assert before - rss_file_kib() >= 0.9 * mm.nbytes / 1024  # ~19.5 MiB left the resident set
+    assert np.asarray(mm).sum() == whole  # read again from the page cache, the same values
+    cow = np.load(path, mmap_mode="c")
+    cow[:] = 0.0
+    shards.release_pages(cow, 0, len(cow))
+    assert not cow.any()
