@@ -13,8 +13,6 @@ from flax import nnx
 
 from dwjax import decoder
 
-PRECISION = decoder.PRECISION
-
 
 class Autoencoder(nnx.Module):
     """dim → hidden[0] → … → hidden[-1] → 1 (sigmoid) → hidden[-1] → … → hidden[0] → dim (tanh)."""
@@ -31,7 +29,7 @@ class Autoencoder(nnx.Module):
         self.negative_slope = negative_slope
 
         def dense(a: int, b: int) -> nnx.Linear:
-            return nnx.Linear(a, b, precision=PRECISION, rngs=rngs)
+            return nnx.Linear(a, b, precision=decoder.PRECISION, rngs=rngs)
 
         self.encoder = nnx.List([dense(a, b) for a, b in zip(widths[:-1], widths[1:])])
         self.to_code = dense(widths[-1], 1)
