@@ -2,15 +2,16 @@
 `python -m dwjax.assign --workdir=… [--data_dir=…]`
 
 Autoencoder path (paper §4.2): decode 10,000 evenly spaced codes; each kernel takes the code whose
-reconstruction is nearest in cosine dissimilarity (dwjax.nearest: jitted, chunked, spread over every
-device) and is *clustered* if that minimum is below the threshold for k (0.3 for 7×7, 0.2 for 5×5).
-3×3 path (paper §5): k-means with 10 clusters on min-max-encoded kernels (dwjax.kmeans); the code is
-the cluster id and the dissimilarity the distance to its centroid.
+reconstruction is nearest in cosine dissimilarity (dwjax.search.nearest: jitted, chunked, spread
+over every device) and is *clustered* if that minimum is below the threshold for k (0.3 for 7×7, 0.2
+for 5×5). 3×3 path (paper §5): k-means with 10 clusters on min-max-encoded kernels
+(dwjax.search.kmeans); the code is the cluster id and the dissimilarity the distance to its
+centroid.
 
-Output (dwjax.assignments): one Parquet file of rows per shard, or per row range of a shard larger
-than `--part_size`, written as it streams and renamed into place when complete, so a killed job
-re-run skips finished parts and writes nothing twice; `_meta/settings.json` pins what they were made
-with. Read a whole job with `pd.read_parquet("<workdir>/assignments")`.
+Output (dwjax.io.assignment_files): one Parquet file of rows per shard, or per row range of a shard
+larger than `--part_size`, written as it streams and renamed into place when complete, so a killed
+job re-run skips finished parts and writes nothing twice; `_meta/settings.json` pins what they were
+made with. Read a whole job with `pd.read_parquet("<workdir>/assignments")`.
 `--num_workers/--worker_index` split a job over independent processes; `--distributed` over the
 hosts of one JAX job.
 """
@@ -27,15 +28,20 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from dwjax import assignments, atomic, cli, decoder, kmeans, labels as labels_lib
-from dwjax import mesh as mesh_lib, nearest, paths, preprocess, shards, templates
-from dwjax import workdir as workdir_lib
+from dwjax import cli
 from dwjax.errors import ConfigError, UserError
+from dwjax.io import assignment_files, atomic, paths, shards
+from dwjax.io import workdir as workdir_lib
+from dwjax.model import decoder, preprocess, restore
+from dwjax.model import mesh as mesh_lib
+from dwjax.patterns import labels as labels_lib
+from dwjax.patterns import templates
+from dwjax.search import kmeans, nearest
 
 # Paper §4.2: 0.3 for 7×7, 0.2 for 5×5 ("lower dimensional spaces tend to have closer vectors
 # angularly"). Other sizes: 0.2 below 7, 0.3 from 7 up, until someone measures better.
 PAPER_THRESHOLDS = {5: 0.2, 7: 0.3}
-UNCLUSTERED, DEAD = assignments.UNCLUSTERED, assignments.DEAD
+UNCLUSTERED, DEAD = assignment_files.UNCLUSTERED, assignment_files.DEAD
 DEFAULT_PART_SIZE = 1 << 20
 
 
@@ -75,7 +81,7 @@ class AutoencoderClassifier:
 
     def __init__(self, run: workdir_lib.RunDir, num_codes: int, threshold: float, chunk_size: int,
                  log: Callable[[str], None] = print):
-        params, config = workdir_lib.load_params(run)
+        params, config = restore.load_params(run)
         self.kernel_size = k = int(config.kernel_size)
         slope = config.model.negative_slope
         if not os.path.exists(run.labels_json):
@@ -211,7 +217,7 @@ class _Progress:
         self.total, self.log, self.every = total, log, every
         self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
 
-    def update(self, part: assignments.Part, part_done: int, n: int) -> None:
+    def update(self, part: assignment_files.Part, part_done: int, n: int) -> None:
         self.done += n
         now = time.perf_counter()
         if now - self.last < self.every:
@@ -224,7 +230,7 @@ class _Progress:
                  f"{rate:,.0f} kernels/s, ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
 
 
-def _assign_part(clf, part: assignments.Part, writer: assignments.PartWriter, block: int,
+def _assign_part(clf, part: assignment_files.Part, writer: assignment_files.PartWriter, block: int,
                  progress: _Progress) -> None:
     """Streams one part to its file: rows are gathered into blocks of at least `block` (one
     Parquet row group each) and written while the devices search on; memory depends on the
@@ -286,11 +292,11 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
     else:
         raise AssignError(f"--method {method!r}: expected autoencoder or kmeans")
     out_dir = run.assignments
-    assignments.check_settings(out_dir, {**clf.settings, "format": fmt}, overwrite)
+    assignment_files.check_settings(out_dir, {**clf.settings, "format": fmt}, overwrite)
     atomic.clean_stale(out_dir)  # row files a killed worker left half-written
-    plan = assignments.plan_parts(shard_list, part_size)
+    plan = assignment_files.plan_parts(shard_list, part_size)
     mine = plan[worker_index::num_workers]
-    finished = [assignments.is_done(out_dir, p, k, fmt) for p in mine]
+    finished = [assignment_files.is_done(out_dir, p, k, fmt) for p in mine]
     progress = _Progress(sum(p.stop - p.start for p, f in zip(mine, finished) if not f), log)
     block = max(1, chunk_size) * 4  # rows per Parquet row group (at least; whole chunks)
     for part, already in zip(mine, finished):
@@ -298,7 +304,7 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
         if already:
             log(f"{part.shard.source}{where}: already assigned, skipped")
             continue
-        writer = assignments.PartWriter(out_dir, part, k, fmt, data_dir, clf.label_names)
+        writer = assignment_files.PartWriter(out_dir, part, k, fmt, data_dir, clf.label_names)
         _assign_part(clf, part, writer, block, progress)
         stats = writer.stats()
         log(f"{part.shard.source}{where}: {stats['clustered']:,}/{stats['kernels']:,} clustered "
@@ -307,19 +313,20 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
         wait_for_workers()
         if worker_index != 0:
             return {"complete": False, "parts_done": None, "parts_total": len(plan)}
-    done = sum(assignments.is_done(out_dir, p, k, fmt) for p in plan)
+    done = sum(assignment_files.is_done(out_dir, p, k, fmt) for p in plan)
     if done < len(plan):
         log(f"{done} of {len(plan)} parts done; the summary is written once every part is")
         return {"complete": False, "parts_done": done, "parts_total": len(plan)}
-    assignments.remove_stale(out_dir, plan, k)
-    return {"complete": True, **assignments.write_summary(out_dir, k)}
+    assignment_files.remove_stale(out_dir, plan, k)
+    return {"complete": True, **assignment_files.write_summary(out_dir, k)}
 
 
 def _check_job(fmt: str, part_size: int, num_workers: int, worker_index: int, overwrite: bool,
                chunk_size: int, num_codes: int, threshold: float | None) -> None:
     """Refuses flag values that cannot make a job, before anything is read or written."""
-    if fmt not in assignments.FORMATS:
-        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(assignments.FORMATS)}")
+    if fmt not in assignment_files.FORMATS:
+        formats = ", ".join(assignment_files.FORMATS)
+        raise ConfigError(f"--format {fmt!r}: expected one of {formats}")
     if part_size < 1:
         raise ConfigError(f"--part_size {part_size}: must be at least 1")
     if num_workers < 1 or not 0 <= worker_index < num_workers:
@@ -354,7 +361,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("chunk_size", nearest.DEFAULT_CHUNK,
                          "Kernels per compiled call (memory is flat in N).")
     flags.DEFINE_bool("overwrite", False, "Redo assignments made with other settings.")
-    flags.DEFINE_enum("format", "parquet", list(assignments.FORMATS), "Row file format.")
+    flags.DEFINE_enum("format", "parquet", list(assignment_files.FORMATS), "Row file format.")
     flags.DEFINE_integer("part_size", DEFAULT_PART_SIZE,
                          "Rows per part: a larger shard is cut into row ranges, each its own file.")
     flags.DEFINE_integer("num_workers", 1, "Independent workers sharing this job (SLURM arrays, "

@@ -1,6 +1,6 @@
 """Benchmarks: `python -m dwjax.bench [--parts=convert,train,assign] [--quick] [--json=PATH]`
 
-Runs the convert, train and assign benchmarks (dwjax.bench_convert, bench_train, bench_assign)
+Runs the convert, train and assign benchmarks (dwjax.perf.convert_speed, bench_train, bench_assign)
 and prints one table: every ratio measured in this run (ours vs the plain PyTorch/numpy way, vs
 this machine's fp32 GEMM peak), the device kind and count and the load average; on a GPU or TPU
 the absolute times too. The table is also written as JSON: the machine, then one entry per
@@ -14,8 +14,11 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
-from dwjax import atomic, bench_assign, bench_convert, bench_machine, bench_train, cli, paths
+from dwjax import cli
 from dwjax.errors import ConfigError
+from dwjax.io import atomic, paths
+from dwjax.perf import assign_speed, convert_speed, train_speed
+from dwjax.perf import machine as machine_lib
 
 PARTS = ("convert", "train", "assign")
 # (full, --quick) sizes: --quick finishes in a few minutes on a 2-core CPU.
@@ -45,7 +48,7 @@ def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str 
         raise ConfigError(f"unknown sizes {sorted(bad)}")
     s = {k: (sizes.get(k) if sizes.get(k) is not None else v[int(quick)])
          for k, v in SIZES.items()}
-    machine = bench_machine.describe()
+    machine = machine_lib.describe()
     log(f"machine: {machine['cpus']} CPUs ({machine['cpu']}), {machine['device_count']} x "
         f"{machine['device_kind']} ({machine['backend']}), jax {machine['jax']}, "
         f"load average {machine['load_average']}")
@@ -55,15 +58,15 @@ def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str 
         if part not in parts:
             continue
         if part == "convert":
-            entries.append(bench_convert.run(s["convert_model"], s["convert_repeats"], log=log))
+            entries.append(convert_speed.run(s["convert_model"], s["convert_repeats"], log=log))
         elif part == "train":
-            entries.append(bench_train.run(s["train_epochs"], s["train_batch_size"],
+            entries.append(train_speed.run(s["train_epochs"], s["train_batch_size"],
                                            synthetic=s["train_synthetic"], log=log))
         else:
-            entries.append(bench_assign.run(s["assign_n"], s["assign_small_n"], s["naive_n"],
+            entries.append(assign_speed.run(s["assign_n"], s["assign_small_n"], s["naive_n"],
                                             n_5x5=s["assign_5x5_n"], log=log))
     result = {"format": "dwjax-bench/1", "quick": quick, "sizes": s, "machine": machine,
-              "load_average_end": bench_machine.load_average(),
+              "load_average_end": machine_lib.load_average(),
               "seconds": time.perf_counter() - t0, "benchmarks": entries}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)

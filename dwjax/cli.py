@@ -19,8 +19,8 @@ from typing import Callable, Iterator
 
 from absl import flags, logging
 
-from dwjax import paths, shards, sources
 from dwjax.errors import UserError
+from dwjax.io import paths, shards, sources
 
 # Failures of the environment, not of dwjax: each names a path the user can fix.
 _USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,

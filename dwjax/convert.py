@@ -10,9 +10,10 @@ from typing import Callable
 
 from absl import app, flags
 
-from dwjax import cli, paths, shards
+from dwjax import cli
 from dwjax.errors import ConfigError
-from dwjax.sources import Source, resolve_sources
+from dwjax.io import paths, shards
+from dwjax.io.sources import Source, resolve_sources
 
 
 def convert(data_dir: str, sources: list[Source], log: Callable[[str], None] = print,

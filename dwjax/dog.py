@@ -9,8 +9,8 @@ Writes, under --out_dir (default $DWJAX_HOME/dog), each as PNG and PDF:
   cross_sum_of_gaussians Fig. 15: exp(−x²/2σ²) + exp(−y²/2σ²) for σ = 0.4 … 0.8
 
 and `dog_family.npz`, every array drawn (`<figure>/<panel>/pixels` `[k, k]`, `…/smooth` `[R, R]`),
-plus the σ values. All of it comes from `dwjax.templates`, the bank the labeller and the DoG
-initialisation use. The core, `draw_dog_family`, is importable from a notebook.
+plus the σ values. All of it comes from `dwjax.patterns.templates`, the bank the labeller and the
+DoG initialisation use. The core, `draw_dog_family`, is importable from a notebook.
 """
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
-from dwjax import cli, dog_figures, paths, templates
+from dwjax import cli
 from dwjax.errors import ConfigError
+from dwjax.io import paths
+from dwjax.patterns import templates
+from dwjax.views import dog_plates
 
 DEFAULT_CROSS_SIGMAS = (0.4, 0.5, 0.6, 0.7, 0.8)  # Fig. 15's range
 
@@ -42,9 +45,9 @@ def _check(kernel_size, formats, sigma_c, sigma_s, cross_sigmas) -> tuple[float,
             or kernel_size < 3 or kernel_size % 2 == 0:
         raise DogError(f"--kernel_size {kernel_size!r}: must be an odd integer >= 3 "
                        "(the DoG family is centred on a pixel)")
-    if not formats or set(formats) - set(dog_figures.FORMATS):
+    if not formats or set(formats) - set(dog_plates.FORMATS):
         raise DogError(f"--formats {','.join(formats)}: expected one or more of "
-                       f"{','.join(dog_figures.FORMATS)}")
+                       f"{','.join(dog_plates.FORMATS)}")
     sigma_c = default_sigma_c(kernel_size) if sigma_c is None else float(sigma_c)
     sigma_s = templates.SURROUND_RATIOS[0] * sigma_c if sigma_s is None else float(sigma_s)
     if not 0 < sigma_c < sigma_s:
@@ -64,7 +67,7 @@ def draw_dog_family(out_dir: str, kernel_size: int = 7, formats: Sequence[str] =
 
     Args:
       kernel_size: k, odd ≥ 3: the kernels are ``[k, k]``.
-      formats: file formats, each of `dog_figures.FORMATS`.
+      formats: file formats, each of `dog_plates.FORMATS`.
       sigma_c, sigma_s: centre and surround σ in pixels (default `default_sigma_c(k)`, 1.6·σ_c).
       cross_sigmas: σ of each cross in the Fig. 15 figure.
     """
@@ -82,19 +85,19 @@ def draw_dog_family(out_dir: str, kernel_size: int = 7, formats: Sequence[str] =
     if not os.access(out_dir, os.W_OK):
         raise DogError(f"--out_dir {out_dir}: not writable")
     k = kernel_size
-    on = dog_figures.family_panels(k, sigma_c, sigma_s, "On")
-    off = dog_figures.family_panels(k, sigma_c, sigma_s, "Off")
-    crosses = dog_figures.cross_panels(k, cross_sigmas)
+    on = dog_plates.family_panels(k, sigma_c, sigma_s, "On")
+    off = dog_plates.family_panels(k, sigma_c, sigma_s, "Off")
+    crosses = dog_plates.cross_panels(k, cross_sigmas)
     sig = f"σ_c = {sigma_c:.2f} px, σ_s = {sigma_s:.2f} px"
     figures = {
-        "dog_family_grid": (on + off, lambda stem: dog_figures.plot_kernel_grid(
+        "dog_family_grid": (on + off, lambda stem: dog_plates.plot_kernel_grid(
             {"On": on, "Off": off}, stem, formats,
             f"DoG and its derivatives on a {k}×{k} grid ({sig})")),
-        "dog_family_3d_on": (on, lambda stem: dog_figures.plot_surfaces(
+        "dog_family_3d_on": (on, lambda stem: dog_plates.plot_surfaces(
             on, stem, formats, f"On-Centre DoG and its derivatives ({sig})")),
-        "dog_family_3d_off": (off, lambda stem: dog_figures.plot_surfaces(
+        "dog_family_3d_off": (off, lambda stem: dog_plates.plot_surfaces(
             off, stem, formats, f"Off-Centre DoG and its derivatives ({sig})")),
-        "cross_sum_of_gaussians": (crosses, lambda stem: dog_figures.plot_surfaces(
+        "cross_sum_of_gaussians": (crosses, lambda stem: dog_plates.plot_surfaces(
             crosses, stem, formats,
             f"Cross: sum of orthogonal Gaussians exp(−x²/2σ²) + exp(−y²/2σ²), {k}×{k}")),
     }

@@ -22,14 +22,17 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
-from dwjax import assignments, cli, paths, report_page, report_parts, report_runs
-from dwjax import workdir as workdir_lib
+from dwjax import cli
 from dwjax.errors import RunDirError
+from dwjax.io import assignment_files, paths
+from dwjax.io import workdir as workdir_lib
+from dwjax.views import page as page_lib
+from dwjax.views import sections, source_sections
 
 
 def _settings(run: workdir_lib.RunDir) -> dict:
     try:
-        with open(assignments.settings_path(run.assignments)) as f:
+        with open(assignment_files.settings_path(run.assignments)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
@@ -42,7 +45,7 @@ def run_report(workdir: str, layers: Sequence[int] = (), compare: Sequence[str] 
     """Writes the tables, figures and `index.html`; returns `{"dir", "figures", "tables",
     "page"}` (figure paths are the PNGs)."""
     run = workdir_lib.RunDir(workdir)
-    stats = assignments.read_stats(run.assignments, kernel_size)
+    stats = assignment_files.read_stats(run.assignments, kernel_size)
     if not stats:
         raise RunDirError(f"--workdir {workdir}: no assignments (run `python -m dwjax.assign` "
                           "first)")
@@ -50,28 +53,28 @@ def run_report(workdir: str, layers: Sequence[int] = (), compare: Sequence[str] 
         raise RunDirError(f"--workdir {workdir}: assignments of several kernel sizes; pass "
                           "--kernel_size")
     os.makedirs(run.report, exist_ok=True)
-    ctx = report_parts.Context(run, stats, _settings(run), formats=tuple(formats), seed=seed,
+    ctx = sections.Context(run, stats, _settings(run), formats=tuple(formats), seed=seed,
                                log=log)
     entries = []
-    steps = [("shares", report_parts.shares), ("models", report_runs.models),
-             ("activation", report_parts.activation), ("PCA", report_parts.pca),
-             ("k-means vs autoencoder", report_parts.kmeans_vs_autoencoder),
-             ("samples", report_parts.class_samples),
-             ("regular vs depthwise", report_parts.regular_vs_depthwise),
-             ("centroids", report_runs.centroids)]
+    steps = [("shares", sections.shares), ("models", source_sections.models),
+             ("activation", sections.activation), ("PCA", sections.pca),
+             ("k-means vs autoencoder", sections.kmeans_vs_autoencoder),
+             ("samples", sections.class_samples),
+             ("regular vs depthwise", sections.regular_vs_depthwise),
+             ("centroids", source_sections.centroids)]
     if layers:
-        steps.append(("layer samples", lambda c: report_parts.layer_samples(c, layers)))
+        steps.append(("layer samples", lambda c: sections.layer_samples(c, layers)))
     if compare:
-        steps.append(("comparison", lambda c: report_runs.compare(c, compare)))
+        steps.append(("comparison", lambda c: source_sections.compare(c, compare)))
     if timeline:
-        steps.append(("timeline", lambda c: report_runs.timeline(c, timeline)))
+        steps.append(("timeline", lambda c: source_sections.timeline(c, timeline)))
     for name, step in steps:
         new = step(ctx)
         entries += new
         log(f"  {name}: {sum(len(e.figures) for e in new)} figures, "
             f"{sum(len(e.tables) for e in new)} tables")
     k = ctx.kernel_size
-    page = report_page.write_page(run.report, f"dwjax report: {k}×{k} kernels of "
+    page = page_lib.write_page(run.report, f"dwjax report: {k}×{k} kernels of "
                                   f"{os.path.basename(os.path.normpath(workdir))}",
                                   ctx.settings, entries)
     _log_summary(stats, log)
@@ -85,7 +88,8 @@ def _log_summary(stats: list[dict], log: Callable[[str], None]) -> None:
     width = max(len(s["source"]) for s in stats + [{"source": "source"}])
     log(f"{'source'.ljust(width)}  kernels  clustered  top classes")
     for s in stats:
-        top = sorted(assignments.clustered_labels(s["labels"]).items(), key=lambda x: -x[1])[:3]
+        counts = assignment_files.clustered_labels(s["labels"])
+        top = sorted(counts.items(), key=lambda x: -x[1])[:3]
         n = max(1, s["kernels"])
         log(f"{s['source'].ljust(width)}  {s['kernels']:>7,}  {s['clustered'] / n:>8.1%}  "
             + ", ".join(f"{c} {v / n:.0%}" for c, v in top))
@@ -112,7 +116,7 @@ def _layers(values: Sequence[str]) -> list[int]:
     try:
         return [int(v) for v in values]
     except ValueError:
-        raise report_parts.ReportError(f"--layers {','.join(values)}: integers expected")
+        raise sections.ReportError(f"--layers {','.join(values)}: integers expected")
 
 
 def main(argv):

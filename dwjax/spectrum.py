@@ -12,9 +12,14 @@ from typing import Callable
 import numpy as np
 from absl import app, flags
 
-from dwjax import atomic, cli, figures, decoder, labels as labels_lib, paths
-from dwjax import preprocess, templates, workdir as workdir_lib
+from dwjax import cli
 from dwjax.errors import ConfigError
+from dwjax.io import atomic, paths
+from dwjax.io import workdir as workdir_lib
+from dwjax.model import decoder, preprocess, restore
+from dwjax.patterns import labels as labels_lib
+from dwjax.patterns import templates
+from dwjax.views import plotting
 
 
 def run_spectrum(workdir: str, num_codes: int = labels_lib.SPECTRUM_CODES, relabel: bool = False,
@@ -26,7 +31,7 @@ def run_spectrum(workdir: str, num_codes: int = labels_lib.SPECTRUM_CODES, relab
     if num_codes < 2:
         raise ConfigError(f"--num_codes {num_codes}: need at least 2")
     run = workdir_lib.RunDir(workdir)
-    params, config = workdir_lib.load_params(run)
+    params, config = restore.load_params(run)
     k = int(config.kernel_size)
     codes, coords = decoder.decode_codes(params, config.model.negative_slope, num_codes)
     kernels = preprocess.coords_to_kernels(coords, k)
@@ -40,13 +45,13 @@ def run_spectrum(workdir: str, num_codes: int = labels_lib.SPECTRUM_CODES, relab
     for iv in labels["intervals"]:
         log(f"  [{iv['start']:.3f}, {iv['end']:.3f})  {iv['label']}")
     name = os.path.basename(os.path.normpath(workdir))
-    fig = figures.plot_spectrum(kernels, codes, run.figure("spectrum.png"), labels,
+    fig = plotting.plot_spectrum(kernels, codes, run.figure("spectrum.png"), labels,
                                 title=f"{k}×{k} spectrum ({name})")
     bank, bank_class, _ = templates.template_bank(k)
     names = templates.class_names(k)
     gallery = {names[c]: bank[bank_class == c][:: max(1, int((bank_class == c).sum()) // 8)]
                for c in np.unique(bank_class)}
-    bank_fig = figures.plot_gallery(
+    bank_fig = plotting.plot_gallery(
         gallery, run.figure("templates.png"),
         f"{k}×{k} DoG-family template bank (what the labels are matched against)")
     log(f"spectrum of {num_codes} codes → {run.spectrum_npz}, figures → {fig}, {bank_fig}")

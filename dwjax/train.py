@@ -1,8 +1,8 @@
 """Stage 2: train the 1-D-code autoencoder.  `python -m dwjax.train --kernel_size=5`
 
-Drives dwjax.training (the jitted, data-parallel math) over memmapped shards (dwjax.data), with
-checkpoints (dwjax.run_checkpoints), curves (dwjax.metrics) and config.json (dwjax.workdir).
-Resumes from the run directory's latest checkpoint.
+Drives dwjax.model.steps (the jitted, data-parallel math) over memmapped shards
+(dwjax.model.dataset), with checkpoints (dwjax.io.run_checkpoints), curves (dwjax.io.metrics) and
+config.json (dwjax.io.workdir). Resumes from the run directory's latest checkpoint.
 """
 from __future__ import annotations
 
@@ -19,9 +19,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dwjax import cli, data, mesh as mesh_lib, metrics, model as model_lib, paths
-from dwjax import locks, run_checkpoints, training, workdir as workdir_lib
+from dwjax import cli
 from dwjax.errors import ConfigError, UserError
+from dwjax.io import locks, metrics, paths, run_checkpoints
+from dwjax.io import workdir as workdir_lib
+from dwjax.model import autoencoder as model_lib
+from dwjax.model import dataset as dataset_lib
+from dwjax.model import mesh as mesh_lib
+from dwjax.model import steps
 
 
 @dataclasses.dataclass
@@ -43,12 +48,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
     `stop_after_epochs` ends the run early without a final save (tests use it to simulate a kill).
     """
     # Everything a user can get wrong is checked before the run directory is touched.
-    training.validate_config(config)
+    steps.validate_config(config)
     run = workdir_lib.RunDir(workdir)
     workdir_lib.check_architecture(run, workdir_lib.architecture(config))
     mesh = mesh_lib.data_mesh()
-    dataset = data.KernelDataset(data_dir, config.kernel_size)
-    training.check_fits(config, mesh.devices.size, len(dataset))
+    dataset = dataset_lib.KernelDataset(data_dir, config.kernel_size)
+    steps.check_fits(config, mesh.devices.size, len(dataset))
     workdir_lib.ensure_dir(run)
     # One training per run directory: a second is refused (a killed one's lock is gone with it).
     # Every process of a multi-host job shares the directory, so process 0 alone holds it.
@@ -59,14 +64,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir
 
 
 def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
-           dataset: data.KernelDataset, mesh, log: Callable[[str], None],
+           dataset: dataset_lib.KernelDataset, mesh, log: Callable[[str], None],
            stop_after_epochs: int | None) -> TrainResult:
     arch = workdir_lib.architecture(config)
     workdir_lib.check_architecture(run, arch)  # again: another run may have finished meanwhile
     steps_per_epoch = len(dataset) // config.batch_size
     graphdef, params = model_lib.init_params(config.kernel_size, config.model.hidden,
                                              config.model.negative_slope, config.seed)
-    tx = training.make_optimizer(config, steps_per_epoch)
+    tx = steps.make_optimizer(config, steps_per_epoch)
     opt_state = tx.init(params)
     mngr = run_checkpoints.manager(run.checkpoints, config.max_to_keep)
     restored, restored_opt, meta = run_checkpoints.restore_latest(mngr, params, opt_state, arch)
@@ -80,11 +85,11 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
         log(f"resumed from {run.checkpoints}/{resume_step} (epoch {start_epoch})")
     rep = mesh_lib.replicated(mesh)
     params, opt_state = jax.device_put(params, rep), jax.device_put(opt_state, rep)
-    step_fn = training.make_train_steps(graphdef, tx, mesh)
+    step_fn = steps.make_train_steps(graphdef, tx, mesh)
     log(f"training k={config.kernel_size} on {len(dataset):,} kernels ({dataset.num_dropped} dead "
         f"dropped), {mesh.devices.size} device(s), batch {config.batch_size}, "
         f"{steps_per_epoch} steps/epoch")
-    rows = training.host_rows(config.batch_size)
+    rows = steps.host_rows(config.batch_size)
     with metrics.MetricsWriter(run.metrics_jsonl, run.tensorboard, resume_step, primary) as out:
         for epoch in range(start_epoch, config.num_epochs):
             t0 = time.perf_counter()
@@ -119,7 +124,7 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
                 break
     mngr.wait_until_finished()
     mngr.close()
-    eval_loss = training.evaluate(graphdef, params, dataset, config.eval_batch_size, mesh)
+    eval_loss = steps.evaluate(graphdef, params, dataset, config.eval_batch_size, mesh)
     log(f"process {jax.process_index()} read {dataset.rows_read:,} kernel rows from the shards")
     params = jax.device_get(params)
     return TrainResult(model_lib.merge(graphdef, params), params, run.path, eval_loss,

@@ -17,7 +17,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 @pytest.fixture(scope="session")
 def embedded_dir(tmp_path_factory):
     """The embedded default (EfficientNet-Lite0/1/2, MobileNetV2) as kernel shards."""
-    from dwjax import convert, shards, sources
+    from dwjax import convert
+    from dwjax.io import shards, sources
 
     d = str(tmp_path_factory.mktemp("embedded") / "data")
     convert.convert(d, sources.embedded_sources(), log=lambda *_: None,
@@ -29,6 +30,7 @@ def embedded_dir(tmp_path_factory):
 def default_run_k5(embedded_dir, tmp_path_factory):
     """`python -m dwjax.train --kernel_size=5`'s config on the embedded default, trained once."""
     from dwjax.configs import train as train_configs
+
     from dwjax import train
 
     workdir = str(tmp_path_factory.mktemp("run_k5"))

@@ -3,7 +3,8 @@ import os
 
 import numpy as np
 
-from dwjax import convert, sources
+from dwjax import convert
+from dwjax.io import sources
 
 
 def make_data_dir(tmp_path, kernels_by_source: dict, layers: dict | None = None) -> str:

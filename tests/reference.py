@@ -1,8 +1,9 @@
-"""Test-only references: brute force in numpy float64 (moved out of dwjax.nearest, which ships no
-test code)."""
+"""Test-only references: brute force in numpy float64 (moved out of dwjax.search.nearest, which
+ships no test code)."""
 import numpy as np
 
-from dwjax import nearest, preprocess
+from dwjax.model import preprocess
+from dwjax.search import nearest
 
 
 def nearest_codes_reference(kernels, recon) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +44,7 @@ def template_curve(kernel_size: int, m: int, seed: int = 0, n_templates: int = 1
     """`[m, k*k-1]` float32 unit rows along a smooth 1-D curve, like a trained decoder's codes:
     smoothstep interpolation between `n_templates` random DoG-family templates (plateaus near
     each template, fast transitions between them), so consecutive rows are close."""
-    from dwjax import templates
+    from dwjax.patterns import templates
 
     rng = np.random.default_rng(seed)
     lo, hi = templates.sigma_range(kernel_size)

@@ -17,10 +17,12 @@ PACKAGE = os.path.join(ROOT, "dwjax")
 
 
 def _modules() -> dict[str, ast.Module]:
+    """Every module of the package by dotted name below `dwjax` (`assign`, `io.shards`, …)."""
     out = {}
-    for path in glob.glob(os.path.join(PACKAGE, "*.py")):
+    for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
+        rel = os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
         with open(path) as f:
-            out[os.path.basename(path)[:-3]] = ast.parse(f.read(), path)
+            out[rel] = ast.parse(f.read(), path)
     return out
 
 
@@ -30,40 +32,110 @@ def _is_stage(tree: ast.Module) -> bool:
 
 
 def _imported_dwjax_modules(tree: ast.Module) -> set[str]:
-    """Every dwjax module a module imports, at top level or inside functions."""
+    """Every dwjax module a module imports (dotted below `dwjax`), at top level or inside
+    functions. `from dwjax.io import shards` gives `io.shards`; `from dwjax.io.shards import x`
+    gives `io.shards` too."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("dwjax.")}
+            found |= {a.name[len("dwjax."):] for a in node.names if a.name.startswith("dwjax.")}
         elif isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "dwjax":
                 found |= {a.name for a in node.names}
             elif node.module.startswith("dwjax."):
-                found.add(node.module.split(".")[1])
+                below = node.module[len("dwjax."):]
+                if below in ROLES:  # a role package: each name is a module of it
+                    found |= {f"{below}.{a.name}" for a in node.names}
+                else:
+                    found.add(below)
     return found
 
 
-def test_stages_are_siblings():
+# Role subpackages, and the roles each may import (besides itself). Stages (the top-level modules
+# run as programs) may import any library module, never another stage; `cli` and `errors` sit at
+# the top and may be imported by anything, `cli` only by stages.
+ROLES = {
+    "io": set(),
+    "model": {"io"},
+    "search": {"model", "io"},
+    "patterns": {"model", "io"},
+    "views": {"patterns", "search", "model", "io"},
+    "perf": {"patterns", "search", "model", "io"},
+    "configs": set(),
+}
+TOP_LIBRARIES = {"__init__", "cli", "errors"}
+
+
+def _role(module: str) -> str | None:
+    head = module.split(".")[0]
+    return head if head in ROLES else None
+
+
+def _layer_violations(modules: dict[str, ast.Module]) -> dict[str, list[str]]:
+    stages = {name for name, tree in modules.items() if _is_stage(tree)}
+    bad = {}
+    for name, tree in modules.items():
+        wrong = []
+        for imported in sorted(_imported_dwjax_modules(tree)):
+            target = _role(imported)
+            if name in stages:
+                ok = imported not in stages or imported == name
+            elif _role(name) is not None:
+                own = _role(name)
+                ok = (target == own or target in ROLES[own] or target == "configs"
+                      or imported in {"errors", "__version__"})
+            else:  # cli, errors, __init__
+                ok = target == "io" or imported in TOP_LIBRARIES or imported == "__version__"
+            if not ok:
+                wrong.append(imported)
+        if wrong:
+            bad[name] = wrong
+    return bad
+
+
+def test_the_package_shows_its_roles():
     modules = _modules()
     stages = {name for name, tree in modules.items() if _is_stage(tree)}
-    assert {"convert", "train", "spectrum", "assign", "report"} <= stages
-    offenders = {name: sorted(_imported_dwjax_modules(tree) & (stages - {name}))
-                 for name, tree in modules.items()}
-    assert {n: s for n, s in offenders.items() if s} == {}
+    assert {"convert", "train", "spectrum", "assign", "report", "dog", "bench"} <= stages
+    top = {name for name in modules if "." not in name}
+    assert top - stages <= TOP_LIBRARIES, f"top-level libraries: {sorted(top - stages)}"
+    assert all(_role(name) for name in modules if "." in name)
+    # no two modules whose names differ by a suffix (train/training, assign/assignments)
+    short = sorted({name.rsplit(".", 1)[-1] for name in modules} - {"__init__"})
+    pairs = [(a, b) for a in short for b in short if a != b and b.startswith(a)
+             and b[len(a):].lstrip("_") in {"s", "ing", "ments", "er", "ed", "ion", "ions"}]
+    assert not pairs
+
+
+def test_stages_are_siblings_and_libraries_respect_their_layers():
+    assert _layer_violations(_modules()) == {}
+
+
+def test_the_layer_check_catches_a_wrong_import():
+    modules = {"io.shards": ast.parse("from dwjax.model import preprocess\n"),
+               "search.nearest": ast.parse("def f():\n    from dwjax.views import tables\n"),
+               "views.page": ast.parse("from dwjax.io import atomic\nfrom dwjax import cli\n"),
+               "assign": ast.parse("from dwjax import report\nif __name__ == '__main__':\n    pass\n"),
+               "report": ast.parse("from dwjax.views import page\nif __name__ == '__main__':\n    pass\n")}
+    assert _layer_violations(modules) == {"io.shards": ["model.preprocess"],
+                                          "search.nearest": ["views.tables"],
+                                          "views.page": ["cli"], "assign": ["report"]}
 
 
 def test_the_import_check_catches_a_stage_importing_a_stage():
-    tree = ast.parse("def f():\n    from dwjax.train import train_and_evaluate\n"
-                     "import dwjax.report\nfrom dwjax import spectrum as s, paths\n")
-    assert _imported_dwjax_modules(tree) == {"train", "report", "spectrum", "paths"}
+    tree = ast.parse("def f():\n    from dwjax.train import run\n"
+                     "import dwjax.report\nfrom dwjax import spectrum as s\n"
+                     "from dwjax.io import paths\nfrom dwjax.io.shards import Shard\n")
+    assert _imported_dwjax_modules(tree) == {"train", "report", "spectrum", "io.paths",
+                                             "io.shards"}
 
 
 # Artifact file names and who alone may spell them.
 OWNERS = {
-    '"config.json"': "workdir", '"labels.json"': "workdir", '"metrics.jsonl"': "workdir",
-    '"spectrum.npz"': "workdir", '"kmeans_k': "workdir", '"checkpoints"': "workdir",
-    '"manifest.json"': "shards", '"source.json"': "shards", '.npy"': "shards",
-    '"settings.json"': "assignments", '"summary.json"': "assignments",
+    '"config.json"': "io.workdir", '"labels.json"': "io.workdir", '"metrics.jsonl"': "io.workdir",
+    '"spectrum.npz"': "io.workdir", '"kmeans_k': "io.workdir", '"checkpoints"': "io.workdir",
+    '"manifest.json"': "io.shards", '"source.json"': "io.shards", '.npy"': "io.shards",
+    '"settings.json"': "io.assignment_files", '"summary.json"': "io.assignment_files",
 }
 
 
@@ -77,14 +149,16 @@ def _string_literals(tree: ast.Module) -> list[str]:
 
 
 def test_each_artifact_path_has_one_owner():
-    for name, tree in _modules().items():
+    modules = _modules()
+    assert set(OWNERS.values()) <= set(modules)
+    for name, tree in modules.items():
         strings = _string_literals(tree)
         for literal, owner in OWNERS.items():
             if name != owner:
                 bad = [s for s in strings if literal.strip('"') in s
                        and (literal.startswith('"') and s.startswith(literal.strip('"'))
                             or literal.endswith('"') and s.endswith(literal.strip('"')))]
-                assert not bad, f"{name}.py spells {literal} (owned by {owner}.py)"
+                assert not bad, f"{name} spells {literal} (owned by {owner})"
 
 
 def test_user_errors_become_one_line_and_bugs_propagate(capsys):

@@ -7,18 +7,14 @@ import os
 
 import numpy as np
 import pytest
-
 from dwjax.configs import train as train_configs
-from dwjax import (
-    assign,
-    convert,
-    decoder,
-    labels as labels_lib,
-    shards,
-    sources,
-    spectrum,
-)
-from dwjax import templates, train, workdir as workdir_lib
+
+from dwjax import assign, convert, spectrum, train
+from dwjax.io import shards, sources
+from dwjax.io import workdir as workdir_lib
+from dwjax.model import decoder, restore
+from dwjax.patterns import labels as labels_lib
+from dwjax.patterns import templates
 from tests.conftest import run_module
 from tests.helpers import make_data_dir
 from tests.reference import nearest_codes_reference
@@ -70,7 +66,7 @@ def test_assignment_rows_equal_brute_force(dog_run, tmp_path):
     exact-index
     check on well-separated random data is in test_nearest)."""
     workdir, d, _ = dog_run
-    params, config = workdir_lib.load_params(workdir_lib.RunDir(workdir))
+    params, config = restore.load_params(workdir_lib.RunDir(workdir))
     codes, recon = decoder.decode_codes(params, config.model.negative_slope, 10_000)
     shard = next(shards.iter_shards(d, 7))
     ref_idx, ref_dis = nearest_codes_reference(shard.kernels, recon)
@@ -242,7 +238,7 @@ def test_kmeans_path_for_3x3(embedded_dir, tmp_path):
     )
     assert summary["clustered"] == 16532
     # every kernel's code is its nearest centroid
-    from dwjax import kmeans
+    from dwjax.search import kmeans
 
     with np.load(os.path.join(workdir, "kmeans_k3.npz")) as z:
         centroids, names = z["centroids"], z["names"]

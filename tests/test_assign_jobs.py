@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
-from dwjax import assign, assignments, shards, templates, train
 from dwjax.configs import train as train_configs
+
+from dwjax import assign, train
+from dwjax.io import assignment_files, shards
+from dwjax.patterns import templates
 from tests.helpers import make_data_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +57,7 @@ def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
     summary = assign.assign(w, d, **QUIET)
     assert summary["complete"] and summary["kernels"] == 900
     rows = pd.read_parquet(os.path.join(w, "assignments"))
-    assert list(rows.columns) == list(assignments.COLUMNS) and len(rows) == 900
+    assert list(rows.columns) == list(assignment_files.COLUMNS) and len(rows) == 900
     assert rows["label"].dtype.name == "category"  # dictionary-encoded
     # the arrays they were written from: classifier outputs and raw statistics
     clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(w), 10_000, 0.2, 1 << 15)
@@ -73,7 +75,7 @@ def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
     gamma = k64.shape[1] * 2.0 ** -24 / (1 - k64.shape[1] * 2.0 ** -24)
     assert (np.abs(total - k64.sum(1)) <= gamma * np.abs(k64).sum(1) + 1e-30).all()
     np.testing.assert_allclose(norm, np.linalg.norm(k64, axis=1), rtol=2 * gamma)
-    dead = got[got["label"] == assignments.DEAD]
+    dead = got[got["label"] == assignment_files.DEAD]
     assert len(dead) == 2 and dead["code"].isna().all() and dead["dissimilarity"].isna().all()
     assert not dead["clustered"].any()
     # --format=csv: today's CSV, the same values
@@ -130,17 +132,17 @@ def test_two_workers_at_once_equal_one_process(small_run, tmp_path):
     p = subprocess.run(_assign_cmd(w, d), capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "900 kernels clustered" in p.stdout or "of 900 kernels clustered" in p.stdout
-    assert os.path.exists(assignments.summary_path(os.path.join(w, "assignments")))
+    assert os.path.exists(assignment_files.summary_path(os.path.join(w, "assignments")))
 
 
 _KILL_AFTER_FIRST_BLOCK = r"""
 import os, signal, sys
 from dwjax import assign, assignments
-real = assignments.PartWriter.write
+real = assignment_files.PartWriter.write
 def write(self, *a, **k):
     real(self, *a, **k)
     os.kill(os.getpid(), signal.SIGKILL)  # dies with the part's row file half written
-assignments.PartWriter.write = write
+assignment_files.PartWriter.write = write
 assign.assign(sys.argv[1], sys.argv[2], chunk_size=16, part_size=1000, log=print)
 """
 
@@ -205,7 +207,7 @@ def test_progress_line_reports_rate_and_eta():
     lines = []
     progress = assign._Progress(1000, lines.append, every=0.0)
     shard = shards.Shard("src", "src", np.zeros((1000, 5, 5)), None, {}, "x")
-    progress.update(assignments.Part(shard, 0, 1000), 250, 250)
+    progress.update(assignment_files.Part(shard, 0, 1000), 250, 250)
     (line,) = lines
     assert "250/1,000" in line and "job 250/1,000 (25%)" in line and "kernels/s" in line
     assert "ETA" in line
@@ -223,8 +225,8 @@ def test_negligible_kernels_are_dead_and_small_ones_keep_their_answer(small_run,
     assign.assign(w, d, **QUIET)
     rows = pd.read_parquet(os.path.join(w, "assignments")).sort_values("channel")
     first, small, tiny = (rows.iloc[i * 50:(i + 1) * 50] for i in range(3))
-    assert (tiny["label"] == assignments.DEAD).all() and tiny["code"].isna().all()
-    live = first["label"] != assignments.DEAD
+    assert (tiny["label"] == assignment_files.DEAD).all() and tiny["code"].isna().all()
+    live = first["label"] != assignment_files.DEAD
     assert live.sum() == 48  # the two all-zero kernels of the fixture are dead at every scale
     a, b = small["code"].to_numpy()[live.to_numpy()], first["code"].to_numpy()[live.to_numpy()]
     # along a flat stretch of the curve neighbouring codes are within float32 rounding of each
@@ -244,10 +246,10 @@ def test_arrow_columns_and_empty_rows(small_run):
     rng = np.random.default_rng(0)
     for n in (0, 1, 7, 8, 9, 13):
         b = rng.random(n) < 0.5
-        assert assignments._arrow(b).to_pylist() == b.tolist()
-    assert assignments._arrow(np.arange(5, dtype=">i4")).to_pylist() == [0, 1, 2, 3, 4]
+        assert assignment_files._arrow(b).to_pylist() == b.tolist()
+    assert assignment_files._arrow(np.arange(5, dtype=">i4")).to_pylist() == [0, 1, 2, 3, 4]
     words = ["", "a,b", "ünïcödé", "层", 'q"uote']
-    assert assignments._arrow_strings(words).to_pylist() == words
+    assert assignment_files._arrow_strings(words).to_pylist() == words
     run, _, _ = small_run
     clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(run), 1000, 0.2, 256, **QUIET)
     rows = clf(np.zeros((0, 5, 5), np.float32))

@@ -4,21 +4,21 @@ import json
 
 import pytest
 
-from dwjax import bench, bench_convert, bench_machine, bench_train
-
+from dwjax import bench
+from dwjax.perf import convert_speed, machine, train_speed
 from tests.conftest import run_module
 
 
 def test_without_torch_the_torch_parts_say_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_machine, "has_torch", lambda: False)
-    assert bench_convert.run(log=lambda *_: None)["skipped"] == "skipped (torch not installed)"
-    entry = bench_train.run(epochs=2, batch_size=256, synthetic=4096, tmp=str(tmp_path),
+    monkeypatch.setattr(machine, "has_torch", lambda: False)
+    assert convert_speed.run(log=lambda *_: None)["skipped"] == "skipped (torch not installed)"
+    entry = train_speed.run(epochs=2, batch_size=256, synthetic=4096, tmp=str(tmp_path),
                             log=lambda *_: None)
     (row,) = entry["rows"]
     assert row["ratio"] is None and row["target"] == "skipped (torch not installed)"
     assert entry["figures"]["dwjax_steady_kernels_per_s"] > 0
-    result = {"machine": bench_machine.describe(), "benchmarks": [
-        bench_machine.skipped("convert", "skipped (torch not installed)"), entry],
+    result = {"machine": machine.describe(), "benchmarks": [
+        machine.skipped("convert", "skipped (torch not installed)"), entry],
         "load_average_end": [0.0, 0.0, 0.0], "seconds": 1.0, "quick": True}
     text = bench.table(result)
     assert text.count("skipped (torch not installed)") == 2

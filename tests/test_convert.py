@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from dwjax import convert as convert_mod
-from dwjax import shards
-from dwjax.extract import layers_from_module, layers_from_state
-from dwjax.weight_files import open_checkpoint
-from dwjax.sources import (
+from dwjax.io import shards
+from dwjax.io.extract import layers_from_module, layers_from_state
+from dwjax.io.sources import (
     EMBEDDED,
     SourceError,
     checkpoint_source,
@@ -25,6 +24,7 @@ from dwjax.sources import (
     npz_source,
     timm_source,
 )
+from dwjax.io.weight_files import open_checkpoint
 
 timm = pytest.importorskip("timm")
 

@@ -7,10 +7,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from dwjax.configs import train as train_configs
 from flax import nnx
 
-from dwjax import decoder, model as model_lib, run_checkpoints, workdir as workdir_lib
-from dwjax.configs import train as train_configs
+from dwjax.io import run_checkpoints
+from dwjax.io import workdir as workdir_lib
+from dwjax.model import autoencoder as model_lib
+from dwjax.model import decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = (64, 32, 16, 8)
@@ -73,8 +76,10 @@ def test_inference_stages_never_import_flax(tmp_path):
     run_checkpoints.save_inference(run.model_npz, params, arch, step=7)
     code = (
         "import sys\n"
-        "from dwjax import assign, spectrum, decoder, workdir\n"
-        f"p, c = workdir.load_params(workdir.RunDir({run.path!r}))\n"
+        "from dwjax import assign, spectrum\n"
+        "from dwjax.io import workdir\n"
+        "from dwjax.model import decoder, restore\n"
+        f"p, c = restore.load_params(workdir.RunDir({run.path!r}))\n"
         "codes, coords = decoder.decode_codes(p, c.model.negative_slope, 100)\n"
         "np_sum = float(coords.astype('float64').sum())\n"
         "print(repr(np_sum), sorted(m for m in ('flax', 'orbax', 'optax') if m in sys.modules))\n")

@@ -1,5 +1,5 @@
 """The DoG-family figures stage (`python -m dwjax.dog`): every figure written, drawn from
-dwjax.templates, and a bad flag is one line on stderr with nothing written."""
+dwjax.patterns.templates, and a bad flag is one line on stderr with nothing written."""
 import os
 import subprocess
 import sys
@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from dwjax import dog
 from dwjax.errors import UserError
-
-from dwjax import dog, dog_figures, templates
+from dwjax.patterns import templates
+from dwjax.views import dog_plates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEMS = ("dog_family_grid", "dog_family_3d_on", "dog_family_3d_off", "cross_sum_of_gaussians")
@@ -50,8 +51,8 @@ def test_figures_are_drawn_from_the_template_module(drawn):
     rec = np.load(os.path.join(out, "dog_family.npz"))
     sc, ss = float(rec["sigma_c"]), float(rec["sigma_s"])
     assert sc == pytest.approx(dog.default_sigma_c(K)) and ss == pytest.approx(1.6 * sc)
-    x, y = dog_figures.smooth_grid(K)
-    step = dog_figures.SMOOTH_STEPS_PER_PIXEL
+    x, y = dog_plates.smooth_grid(K)
+    step = dog_plates.SMOOTH_STEPS_PER_PIXEL
     for fam in DOG_FAMILIES:
         kernel = getattr(templates, fam)(K, sc, ss)
         smooth = templates.evaluate(fam, x, y, sc, ss)

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from dwjax import extract, labels, templates
+from dwjax.io import extract
+from dwjax.patterns import labels, templates
 
 C = 512  # channels per Flax test layer: enough kernels to read the mix off to ±0.2 %
 
@@ -44,7 +45,7 @@ def _mean_norm(kernels: np.ndarray) -> float:
 def test_dog_init_replaces_depthwise_kernels_with_the_paper_mix():
     torch = pytest.importorskip("torch")
     timm = pytest.importorskip("timm")
-    from dwjax.dog_init import dog_init_
+    from dwjax.patterns.dog_init import dog_init_
 
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_b0", pretrained=False)
@@ -94,7 +95,8 @@ def test_flax_initializer_shapes_dtype_determinism_and_jit():
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from dwjax.dog_init import dog_kernel_init
+
+    from dwjax.patterns.dog_init import dog_kernel_init
 
     init = dog_kernel_init()
     m = _flax_model(0, init, channels=64)
@@ -122,7 +124,8 @@ def test_flax_initializer_shapes_dtype_determinism_and_jit():
 def test_flax_initializer_energy_and_mix():
     import jax
     from flax import nnx
-    from dwjax.dog_init import dog_kernel_init
+
+    from dwjax.patterns.dog_init import dog_kernel_init
 
     m = _flax_model(0, dog_kernel_init())  # base: Kaiming normal, E‖w‖² = k²·2/k² = 2
     for base_init, expected in [(nnx.initializers.kaiming_normal(), np.sqrt(2.0)),
@@ -144,7 +147,7 @@ def test_flax_initializer_energy_and_mix():
 
 
 def test_dog_init_nnx_overwrites_depthwise_convs_in_place():
-    from dwjax.dog_init import dog_init_nnx_
+    from dwjax.patterns.dog_init import dog_init_nnx_
 
     m = _flax_model(0, channels=128)
     before = {n: np.asarray(getattr(m, n).kernel[...]) for n in ("dw5", "dw7", "mix")}
@@ -163,7 +166,7 @@ def test_dog_init_nnx_overwrites_depthwise_convs_in_place():
 def test_torch_and_flax_forms_agree():
     """Same seed, same starting kernels, same layer order ⇒ the same DoG kernels and energies."""
     torch = pytest.importorskip("torch")
-    from dwjax.dog_init import dog_init_, dog_init_nnx_
+    from dwjax.patterns.dog_init import dog_init_, dog_init_nnx_
 
     flax_model = _flax_model(0, channels=64)
     torch_model = torch.nn.Sequential(collections.OrderedDict(
@@ -197,7 +200,9 @@ def _train_and_assign(tmp_path, train_kernels: np.ndarray, queries: dict) -> dic
     `[n]` dissimilarity to its nearest decoded code. The only use of train/nearest in this file."""
     import jax.numpy as jnp
     from dwjax.configs import train as train_configs
-    from dwjax import nearest, train
+
+    from dwjax import train
+    from dwjax.search import nearest
     from tests.helpers import make_data_dir
 
     config = train_configs.get_config("5")
@@ -214,7 +219,8 @@ def _train_and_assign(tmp_path, train_kernels: np.ndarray, queries: dict) -> dic
 def test_flax_dog_kernels_are_clustered_and_kaiming_ones_are_not(tmp_path):
     import jax
     from flax import nnx
-    from dwjax.dog_init import dog_kernel_init
+
+    from dwjax.patterns.dog_init import dog_kernel_init
 
     n = 2048
     dog = _hwio_to_ckk(dog_kernel_init()(jax.random.key(11), (5, 5, 1, n)))

@@ -10,9 +10,10 @@ import time
 
 import numpy as np
 import pytest
-
-from dwjax import templates, train
 from dwjax.configs import train as train_configs
+
+from dwjax import train
+from dwjax.patterns import templates
 from tests.helpers import make_data_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from dwjax import kmeans, preprocess
+from dwjax.model import preprocess
+from dwjax.search import kmeans
 
 
 def _blobs(seed=0, n=6000, k=10, d=9, spread=0.02):

@@ -1,11 +1,12 @@
-"""Labels file, code lookup and the automatic labeller (dwjax.labels)."""
+"""Labels file, code lookup and the automatic labeller (dwjax.patterns.labels)."""
 import json
 import os
 
 import numpy as np
 import pytest
 
-from dwjax import labels as L, templates as T
+from dwjax.patterns import labels as L
+from dwjax.patterns import templates as T
 
 LABELS = {"kernel_size": 7, "intervals": [
     {"start": 0.5, "end": 0.75, "label": "Off-Centre", "auto": True, "score": 0.91},

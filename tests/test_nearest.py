@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwjax import nearest, preprocess, search_kernels, shards
+from dwjax.io import shards
+from dwjax.model import preprocess
+from dwjax.search import device_programs, nearest
 from tests.reference import curve_kernels, nearest_codes_reference, similarities, template_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,14 +258,14 @@ def test_pruned_bound_is_sound_and_prunes():
         tables = nearest.pruned_tables(r_tiles)
         kern = curve_kernels(np.asarray(recon, np.float32), 300, seed=5)
         x = preprocess.embed(jnp.asarray(kern))
-        reps = np.asarray(search_kernels._dot_t(x, tables.reps))
+        reps = np.asarray(device_programs._dot_t(x, tables.reps))
         lb = reps.max(axis=1)
         thr = lb - nearest.TIE_TOL - float(tables.thr_slack)
         aug = jnp.concatenate([x, thr[:, None], np.sqrt((1 - thr) * (1 + thr))[:, None]], axis=1)
-        kept = np.asarray(search_kernels._dot_t(aug, tables.caps)) >= -float(tables.cap_slack)
+        kept = np.asarray(device_programs._dot_t(aug, tables.caps)) >= -float(tables.cap_slack)
         rows = np.asarray(r_tiles, np.float64).reshape(-1, 48)
         sims = np.asarray(x, np.float64) @ rows.T  # [N, M_pad]
-        sub = search_kernels._sub_rows(64)
+        sub = device_programs._sub_rows(64)
         best_in_sub = sims.reshape(len(kern), -1, sub).max(axis=2)
         dropped = ~kept[:, :best_in_sub.shape[1]]
         assert (best_in_sub[dropped] < np.broadcast_to(lb[:, None] - nearest.TIE_TOL,

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwjax import kmeans, mesh as mesh_lib, nearest, preprocess
+from dwjax.model import mesh as mesh_lib
+from dwjax.model import preprocess
+from dwjax.search import kmeans, nearest
 
 # A dot's op name in StableHLO / MHLO / HLO text, and its precision as each prints it:
 # `precision = [HIGHEST, HIGHEST]` (StableHLO, jax 0.10), `#stablehlo<precision HIGHEST>` (older
@@ -77,15 +79,17 @@ def test_preprocess_and_kmeans_dots_are_highest():
 def test_train_step_dots_are_highest():
     """Every dot of the jitted train step (forward, backward, optimizer) states HIGHEST, so a TPU
     or GPU trains what the CPU does. (Inference decodes on the host in float64: test_decoder.)"""
-    from dwjax import model as model_lib, training
     from dwjax.configs import train as train_configs
+
+    from dwjax.model import autoencoder as model_lib
+    from dwjax.model import steps as steps_lib
 
     config = train_configs.get_config("5")
     graphdef, params = model_lib.init_params(5, config.model.hidden, config.model.negative_slope,
                                              0)
-    tx = training.make_optimizer(config, 10)
+    tx = steps_lib.make_optimizer(config, 10)
     mesh = mesh_lib.data_mesh()
-    steps = training.make_train_steps(graphdef, tx, mesh)
+    steps = steps_lib.make_train_steps(graphdef, tx, mesh)
     kernels = jnp.zeros((2, 8, 5, 5), jnp.float32)
     text = steps.lower(params, tx.init(params), kernels).as_text()
     n = assert_highest_precision(text, min_dots=10)  # 10 layers forward alone

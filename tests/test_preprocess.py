@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dwjax import data, preprocess
+from dwjax.model import dataset, preprocess
 from tests.helpers import make_data_dir
 
 
@@ -61,7 +61,7 @@ def test_dead_kernels_dropped_and_counted(tmp_path):
     mask = preprocess.valid_mask(kernels)
     assert mask.sum() == 40 and not mask[20:23].any()
     d = make_data_dir(tmp_path, {"mixed": kernels})
-    ds = data.KernelDataset(d, 5)
+    ds = dataset.KernelDataset(d, 5)
     assert (len(ds), ds.num_dropped, ds.num_total) == (40, 3, 43)
     assert np.isfinite(np.asarray(preprocess.embed(ds.gather(ds.valid_index)))).all()
     # and the jit path never yields NaN even if a dead kernel slips through

@@ -9,7 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dwjax import assign, report, report_parts, templates, workdir as workdir_lib
+from dwjax import assign, report
+from dwjax.io import workdir as workdir_lib
+from dwjax.patterns import templates
+from dwjax.views import sections
 
 QUIET = dict(log=lambda *_: None)
 LITE = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
@@ -80,9 +83,9 @@ def test_autoencoder_beats_kmeans_under_the_same_threshold(reported):
 
 def test_pca_explained_variance_equals_numpy(reported):
     workdir, out, _ = reported
-    ctx = report_parts.Context(workdir_lib.RunDir(workdir), report_parts.assignments.read_stats(
+    ctx = sections.Context(workdir_lib.RunDir(workdir), sections.assignments.read_stats(
         workdir_lib.RunDir(workdir).assignments), {})
-    kern, _, _ = report_parts.pca_sample(ctx)
+    kern, _, _ = sections.pca_sample(ctx)
     flat = kern.reshape(len(kern), -1).astype(np.float64)
     flat -= flat.mean(axis=1, keepdims=True)
     flat /= np.linalg.norm(flat, axis=1, keepdims=True)

@@ -4,9 +4,10 @@ import json
 import os
 
 import numpy as np
-
 from dwjax.configs import train as train_configs
-from dwjax import tb_events, train
+
+from dwjax import train
+from dwjax.io import tb_events
 from tests.helpers import make_data_dir
 
 

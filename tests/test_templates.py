@@ -1,10 +1,11 @@
-"""Template bank, sign conventions, and the DoG initialisation (dwjax.templates)."""
+"""Template bank, sign conventions, and the DoG initialisation (dwjax.patterns.templates)."""
 import collections
 
 import numpy as np
 import pytest
 
-from dwjax import preprocess, templates as T
+from dwjax.model import preprocess
+from dwjax.patterns import templates as T
 
 DOG_CLASSES = [
     "On-Centre", "Off-Centre",

@@ -8,10 +8,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from dwjax.configs import train as train_configs
-from dwjax import preprocess, train, workdir
+
+from dwjax import train
 from dwjax.errors import CheckpointError
+from dwjax.io import workdir
+from dwjax.model import preprocess, restore
 from tests.conftest import run_module
 from tests.helpers import make_data_dir
 
@@ -118,7 +120,7 @@ def test_killed_run_resumes_to_identical_parameters(proto_dir, tmp_path):
     assert _metric_lines(killed) == _metric_lines(str(tmp_path / "full"))  # nothing lost or twice
     assert resumed.eval_loss == full.eval_loss
     # the latest checkpoint reloads into the same model
-    model, config = workdir.load_model(workdir.RunDir(killed))
+    model, config = restore.load_model(workdir.RunDir(killed))
     x = preprocess.embed(proto_dir[1][:10])
     np.testing.assert_array_equal(np.asarray(model.encode(x)), np.asarray(resumed.model.encode(x)))
 
@@ -155,16 +157,16 @@ def test_default_run_is_as_good_as_plain_pytorch(default_run_k5, embedded_dir):
     """The port is faithful: same network, data, batch, optimizer and epochs as a plain torch
     loop."""
     torch = pytest.importorskip("torch")
-    from dwjax import torch_reference
+    from dwjax.perf import torch_autoencoder
 
     torch.set_num_threads(2)
-    from dwjax import shards
+    from dwjax.io import shards
 
     cfg = train_configs.get_config("5")
     kernels = np.concatenate([s.kernels for s in shards.iter_shards(embedded_dir, 5)])
-    coords = torch_reference.embed_live(kernels)
+    coords = torch_autoencoder.embed_live(kernels)
     assert len(coords) == default_run_k5.num_kernels == 23854  # 23,856 5×5 minus 2 dead channels
-    _, torch_loss, _ = torch_reference.train(
+    _, torch_loss, _ = torch_autoencoder.train(
         coords,
         cfg.num_epochs,
         cfg.batch_size,

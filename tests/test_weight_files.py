@@ -1,4 +1,4 @@
-"""dwjax.weight_files (the torch-free lazy readers) against torch.load / safetensors on real
+"""dwjax.io.weight_files (the torch-free lazy readers) against torch.load / safetensors on real
 files."""
 
 import importlib.util
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dwjax.weight_files import CheckpointError, open_checkpoint
-from dwjax.extract import layers_from_state
-from dwjax.sources import EMBEDDED
+from dwjax.io.extract import layers_from_state
+from dwjax.io.sources import EMBEDDED
+from dwjax.io.weight_files import CheckpointError, open_checkpoint
 
 
 def _embedded_path(package, rel):
@@ -310,7 +310,7 @@ def test_whole_modules_and_torchscript_read_like_their_state_dict(tmp_path, how)
 
 def test_regular_sample_draws_real_kernels_of_regular_convolutions(tmp_path):
     """Fig. 2's sample: k×k slices of regular (not depthwise, not 1×1) convolution weights."""
-    from dwjax.extract import regular_sample
+    from dwjax.io.extract import regular_sample
 
     model = _depthwise_net()
     path = str(tmp_path / "m.pth")

@@ -1,0 +1,416 @@
+"""The assignment files under `<workdir>/assignments/`: per-part rows, their statistics (what
+`report` reads, so it never re-parses millions of rows), the settings they were made with, and the
+summary. Written by `assign`, read by `report`.
+
+    <shard dir>.k5x5.parquet              one part covering a whole shard: its rows (COLUMNS)
+    <shard dir>.k5x5.r<start>-<stop>.parquet   one row range of a shard larger than a part
+    _meta/settings.json                   method, kernel size, threshold, … (changes need
+    --overwrite) _meta/<row file stem>.json            the part's statistics: source, shard sha256,
+    data_dir,
+                                          row range, counts per label, per layer likewise
+    _meta/summary.json                    totals over every completed shard
+
+The row file is the part's completion marker: it is renamed into place after its statistics, so a
+part is done when both exist and the statistics name the same shard content and row range. Only
+row files and hidden or `_`-prefixed names live at the top, so `pd.read_parquet(<assignments>)`
+reads a whole job. `--format=csv` writes `.csv` row files with the same columns.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from dwjax.errors import UserError
+from dwjax.io import atomic, locks, shards
+
+COLUMNS = ("source", "layer", "layer_name", "channel", "kernel_size", "code", "dissimilarity",
+           "clustered", "label", "total_activation", "norm")
+UNCLUSTERED, DEAD = "Unclustered", "Dead"
+FORMATS = ("parquet", "csv")
+META = "_meta"
+
+
+class AssignmentsError(UserError):
+    """Existing assignments conflict with this job (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """Rows `[start, stop)` of one shard: the unit of work, of a row file and of its statistics."""
+    shard: shards.Shard
+    start: int
+    stop: int
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == len(self.shard.kernels)
+
+    def stem(self, k: int) -> str:
+        base = f"{self.shard.dir}.k{k}x{k}"
+        return base if self.whole else f"{base}.r{self.start}-{self.stop}"
+
+
+def plan_parts(shard_list: Sequence[shards.Shard], part_size: int) -> list[Part]:
+    """Every shard in order, cut into row ranges of at most `part_size` rows (deterministic)."""
+    parts = []
+    for s in shard_list:
+        n = len(s.kernels)
+        parts += [Part(s, a, min(a + part_size, n)) for a in range(0, max(n, 1), part_size)]
+    return parts
+
+
+def rows_path(out_dir: str, part: Part, k: int, fmt: str) -> str:
+    return os.path.join(out_dir, f"{part.stem(k)}.{fmt}")
+
+
+def stats_path(out_dir: str, part: Part, k: int) -> str:
+    return os.path.join(out_dir, META, f"{part.stem(k)}.json")
+
+
+def settings_path(out_dir: str) -> str:
+    return os.path.join(out_dir, META, "settings.json")
+
+
+def summary_path(out_dir: str) -> str:
+    return os.path.join(out_dir, META, "summary.json")
+
+
+def is_done(out_dir: str, part: Part, k: int, fmt: str) -> bool:
+    """True when this part's rows exist *for this content* (the kernel file's sha256): a source
+    re-converted in place, or another data dir's shard of the same name, is assigned again."""
+    if not os.path.exists(rows_path(out_dir, part, k, fmt)):
+        return False
+    try:
+        with open(stats_path(out_dir, part, k)) as f:
+            stats = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (stats.get("shard_sha256"), stats.get("start"), stats.get("stop")) == (
+        part.shard.sha256, part.start, part.stop)
+
+
+# ----------------------------------------------------------------------------- writing a part
+class PartWriter:
+    """Streams one part's rows to its file block by block and keeps its statistics.
+
+    `label_names` is the dictionary every block's `label_index` points into. Use as a context
+    manager: the row file and statistics appear only when the block exits without an error.
+    """
+
+    def __init__(self, out_dir: str, part: Part, k: int, fmt: str, data_dir: str,
+                 label_names: Sequence[str]):
+        self.out_dir, self.part, self.k, self.fmt = out_dir, part, k, fmt
+        self.data_dir = os.path.abspath(data_dir)
+        self.label_names = list(label_names)
+        meta = part.shard.meta
+        layer_ids = np.unique(np.asarray(meta["layer"][part.start:part.stop]))
+        self.layer_ids = layer_ids
+        self.layer_names = [part.shard.layer_names.get(int(lid), "") for lid in layer_ids]
+        self.counts = np.zeros((len(layer_ids), len(self.label_names)), np.int64)
+        self.clustered = np.zeros(len(layer_ids), np.int64)
+        self.rows = 0  # written so far
+
+    def __enter__(self) -> "PartWriter":
+        self._atomic = atomic.atomic_path(rows_path(self.out_dir, self.part, self.k, self.fmt))
+        self._tmp = self._atomic.__enter__()
+        self._writer = None
+        self._csv = None
+        return self
+
+    def write(self, code: np.ndarray, dissimilarity: np.ndarray, clustered: np.ndarray,
+              label_index: np.ndarray, total_activation: np.ndarray, norm: np.ndarray) -> None:
+        """The next rows of the part, in shard order; every argument is `[n]`."""
+        a = self.part.start + self.rows
+        n = len(code)
+        meta = self.part.shard.meta[a:a + n]
+        layer = np.asarray(meta["layer"], np.int32)
+        channel = np.asarray(meta["channel"], np.int32)
+        layer_pos = np.searchsorted(self.layer_ids, layer).astype(np.int32)
+        label_index = np.asarray(label_index, np.int32)
+        clustered = np.asarray(clustered, bool)
+        width = len(self.label_names)
+        self.counts += np.bincount(layer_pos.astype(np.int64) * width + label_index,
+                                   minlength=self.counts.size).reshape(self.counts.shape)
+        self.clustered += np.bincount(layer_pos, weights=clustered,
+                                      minlength=len(self.layer_ids)).astype(np.int64)
+        cols = dict(layer=layer, layer_pos=layer_pos, channel=channel, code=code,
+                    dissimilarity=np.asarray(dissimilarity, np.float32), clustered=clustered,
+                    label_index=label_index, total_activation=np.asarray(total_activation,
+                                                                         np.float32),
+                    norm=np.asarray(norm, np.float32))
+        (self._write_parquet if self.fmt == "parquet" else self._write_csv)(cols)
+        self.rows += n
+
+    def _write_parquet(self, c: dict) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        n = len(c["layer"])
+
+        def dictionary(index, values):
+            return pa.DictionaryArray.from_arrays(_arrow(np.asarray(index, np.int32)),
+                                                  _arrow_strings(values))
+
+        table = pa.table({
+            "source": dictionary(np.zeros(n, np.int32), [self.part.shard.source]),
+            "layer": _arrow(c["layer"]), "layer_name": dictionary(c["layer_pos"], self.layer_names),
+            "channel": _arrow(c["channel"]), "kernel_size": _arrow(np.full(n, self.k, np.int32)),
+            "code": _arrow(np.asarray(c["code"], np.float64)),
+            "dissimilarity": _arrow(c["dissimilarity"]), "clustered": _arrow(c["clustered"]),
+            "label": dictionary(c["label_index"], self.label_names),
+            "total_activation": _arrow(c["total_activation"]), "norm": _arrow(c["norm"])})
+        if self._writer is None:
+            # dictionary pages only where they pay: the numeric columns would spend most of the
+            # write time building dictionaries they then drop
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="zstd",
+                                            use_dictionary=["source", "layer_name", "label"])
+        self._writer.write_table(table)
+
+    def _write_csv(self, c: dict) -> None:
+        if self._csv is None:
+            self._file = open(self._tmp, "w", newline="")
+            self._csv = csv.writer(self._file)  # quotes ids and names with commas or quotes
+            self._csv.writerow(COLUMNS)
+        n = len(c["layer"])
+        names = np.asarray(self.layer_names + [""], dtype=object)[c["layer_pos"]]
+        labels = np.asarray(self.label_names, dtype=object)[c["label_index"]]
+        self._csv.writerows(zip(
+            [self.part.shard.source] * n, c["layer"].tolist(), names.tolist(),
+            c["channel"].tolist(), [self.k] * n, map(_fmt, np.asarray(c["code"]).tolist()),
+            map(_fmt, c["dissimilarity"].tolist()), c["clustered"].astype(int).tolist(),
+            labels.tolist(), map(_fmt, c["total_activation"].tolist()),
+            map(_fmt, c["norm"].tolist())))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if self._csv is not None:
+                self._file.close()
+            if exc_type is None:
+                if self.rows != self.part.stop - self.part.start:
+                    raise RuntimeError(f"{self.part}: wrote {self.rows} rows")
+                if self._writer is None and self._csv is None:
+                    self._write_empty()
+                # statistics first: the row file, renamed last, is the completion marker
+                atomic.write_json(stats_path(self.out_dir, self.part, self.k), self.stats())
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self._atomic.__exit__(exc_type, exc, tb)
+
+    def _write_empty(self) -> None:
+        empty = np.zeros(0)
+        if self.fmt == "parquet":
+            self._write_parquet(dict(layer=empty.astype(np.int32), layer_pos=empty.astype(np.int32),
+                                     channel=empty.astype(np.int32), code=empty,
+                                     dissimilarity=empty.astype(np.float32),
+                                     clustered=empty.astype(bool),
+                                     label_index=empty.astype(np.int32),
+                                     total_activation=empty.astype(np.float32),
+                                     norm=empty.astype(np.float32)))
+            self._writer.close()
+        else:
+            with open(self._tmp, "w", newline="") as f:
+                csv.writer(f).writerow(COLUMNS)
+
+    def stats(self) -> dict:
+        def counts(row: np.ndarray, clustered: int) -> dict:
+            return {"kernels": int(row.sum()), "clustered": int(clustered),
+                    "labels": {name: int(n) for name, n in zip(self.label_names, row) if n}}
+
+        s = self.part.shard
+        return {"source": s.source, "shard_dir": s.dir, "shard_sha256": s.sha256,
+                "data_dir": self.data_dir, "kernel_size": self.k, "start": self.part.start,
+                "stop": self.part.stop, "shard_rows": len(s.kernels),
+                **counts(self.counts.sum(axis=0), self.clustered.sum()),
+                "layers": [{"layer": int(lid), "layer_name": name,
+                            **counts(self.counts[i], self.clustered[i])}
+                           for i, (lid, name) in enumerate(zip(self.layer_ids, self.layer_names))]}
+
+
+# numpy → Arrow by buffers: pa.array() imports pandas on its first call (a sixth of a short
+# assign's time), and these columns need none of its conversions.
+def _arrow(values: np.ndarray):
+    """A numeric or bool `[n]` array → pyarrow Array (zero-copy except bools, bit-packed)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values, values.dtype.newbyteorder("="))  # native byte order
+    if values.dtype == bool:
+        data = np.packbits(values, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(data)])
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
+                                 [None, pa.py_buffer(values)])
+
+
+def _arrow_strings(values: Sequence[str]):
+    """Python strings → pyarrow string Array."""
+    import pyarrow as pa
+
+    data = [v.encode() for v in values]
+    offsets = np.cumsum([0] + [len(b) for b in data], dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), len(data),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+
+
+def _fmt(x: float) -> str:
+    return "" if x != x else format(x, ".6g")
+
+
+# ----------------------------------------------------------------------------- settings, summary
+def check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
+    """Refuses to mix rows made with other settings unless `overwrite` (which clears them).
+
+    Check and write happen under one lock, so two jobs started together agree on what is there.
+    """
+    with locks.exclusive(os.path.join(os.path.dirname(out_dir), ".assign.lock"),
+                         "an assignment settings check"):
+        _check_settings(out_dir, settings, overwrite)
+
+
+def _check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
+    path = settings_path(out_dir)
+    if os.path.exists(path) and not overwrite:
+        old = _read_json(path)
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise AssignmentsError(f"{out_dir}: existing assignments were made with other "
+                                   f"settings ({', '.join(diff)}); pass --overwrite to redo them")
+    if overwrite and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    if not os.path.exists(path) or overwrite:
+        atomic.write_json(path, settings, sort_keys=True)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise AssignmentsError(f"{path}: corrupt statistics ({e}); delete it and assign again")
+
+
+def _merge(parts: list[dict]) -> dict:
+    """One shard's statistics from its parts' (summing counts; layers merged by id)."""
+    first = parts[0]
+    out = {key: first[key] for key in ("source", "shard_dir", "shard_sha256", "data_dir",
+                                       "kernel_size")}
+    out["kernels"] = sum(p["kernels"] for p in parts)
+    out["clustered"] = sum(p["clustered"] for p in parts)
+    out["labels"] = _sum_labels(p["labels"] for p in parts)
+    layers: dict[int, dict] = {}
+    for p in parts:
+        for layer in p["layers"]:
+            d = layers.setdefault(layer["layer"], {"layer": layer["layer"],
+                                                   "layer_name": layer["layer_name"],
+                                                   "kernels": 0, "clustered": 0, "labels": {}})
+            d["kernels"] += layer["kernels"]
+            d["clustered"] += layer["clustered"]
+            d["labels"] = _sum_labels([d["labels"], layer["labels"]])
+    out["layers"] = [layers[lid] for lid in sorted(layers)]
+    out["parts"] = [p["stem"] for p in parts]  # row-file stems in row order
+    return out
+
+
+def _sum_labels(dicts) -> dict:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for name, n in d.items():
+            total[name] = total.get(name, 0) + n
+    return dict(sorted(total.items()))
+
+
+def read_stats(out_dir: str, kernel_size: int | None = None) -> list[dict]:
+    """Statistics of every completed shard (all its parts done), sorted by row-file name."""
+    by_shard: dict[tuple, list[dict]] = {}
+    for p in sorted(glob.glob(os.path.join(out_dir, META, "*.k*x*.json"))):
+        stem = os.path.basename(p)[:-len(".json")]
+        if not any(os.path.exists(os.path.join(out_dir, f"{stem}.{fmt}")) for fmt in FORMATS):
+            continue
+        stats = dict(_read_json(p), stem=stem)
+        if kernel_size is None or stats.get("kernel_size") == kernel_size:
+            by_shard.setdefault((stats["shard_dir"], stats["kernel_size"]), []).append(stats)
+    out = []
+    for parts in by_shard.values():
+        parts.sort(key=lambda s: s["start"])
+        covered = sum(s["stop"] - s["start"] for s in parts)
+        if covered == parts[0]["shard_rows"] and len({s["shard_sha256"] for s in parts}) == 1:
+            out.append(_merge(parts))
+    return out
+
+
+def remove_stale(out_dir: str, plan: Sequence[Part], k: int) -> None:
+    """Removes row files and statistics of the planned shards that the plan does not contain
+    (another part size, or a shard re-converted with other rows), so no row is counted twice."""
+    keep = {p.stem(k) for p in plan}
+    for shard_dir in {p.shard.dir for p in plan}:
+        prefix = f"{shard_dir}.k{k}x{k}"
+        for path in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(prefix) + ".*")):
+            stem = os.path.basename(path).rsplit(".", 1)[0]
+            if stem != prefix and not stem[len(prefix):].startswith(".r"):
+                continue  # another shard whose name extends this one
+            if stem not in keep:
+                os.remove(path)
+                stats = os.path.join(out_dir, META, stem + ".json")
+                if os.path.exists(stats):
+                    os.remove(stats)
+
+
+def write_summary(out_dir: str, k: int) -> dict:
+    per_source = [{key: s[key] for key in ("source", "kernels", "clustered", "labels")}
+                  for s in read_stats(out_dir, k)]
+    total = sum(s["kernels"] for s in per_source)
+    clustered = sum(s["clustered"] for s in per_source)
+    summary = {"kernel_size": k, "kernels": total, "clustered": clustered,
+               "clustered_fraction": clustered / max(1, total), "sources": per_source}
+    atomic.write_json(summary_path(out_dir), summary)
+    return summary
+
+
+def read_rows(out_dir: str, stats: dict, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Columns `{name: [n]}` of one shard's rows in shard order, read from its parts' row files
+    (`stats` from `read_stats`); text columns come back as object arrays."""
+    chunks = []
+    for stem in stats["parts"]:
+        base = os.path.join(out_dir, stem)
+        if os.path.exists(base + ".parquet"):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(base + ".parquet", columns=list(columns))
+            chunk = {}
+            for c in columns:
+                col = table.column(c)
+                if pa.types.is_dictionary(col.type):
+                    col = col.cast(pa.string())
+                chunk[c] = col.to_numpy()
+            chunks.append(chunk)
+        else:
+            with open(base + ".csv", newline="") as f:
+                rows = list(csv.DictReader(f))
+            chunks.append({c: _from_text(c, [r[c] for r in rows]) for c in columns})
+    return {c: np.concatenate([ch[c] for ch in chunks]) for c in columns}
+
+
+def _from_text(column: str, values: list[str]) -> np.ndarray:
+    """A CSV column back to the type its Parquet twin has."""
+    if column in ("layer", "channel", "kernel_size"):
+        return np.asarray(values, np.int32)
+    if column == "clustered":
+        return np.asarray(values) == "1"
+    if column in ("code", "dissimilarity", "total_activation", "norm"):
+        return np.asarray([float(v) if v else np.nan for v in values])
+    return np.asarray(values, dtype=object)
+
+
+def clustered_labels(counts: dict) -> dict:
+    """A `labels` count dict without the unclustered and dead kernels."""
+    return {c: n for c, n in counts.items() if c not in (UNCLUSTERED, DEAD)}

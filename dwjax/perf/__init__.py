@@ -1,0 +1,1 @@
+"""The benchmarks behind `python -m dwjax.bench` and the PyTorch yardstick."""

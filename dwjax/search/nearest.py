@@ -1,0 +1,333 @@
+"""Assignment core (paper §4.2): each kernel's nearest reconstruction by cosine dissimilarity.
+
+Given decoded reconstructions `recon [M, d]` (hyperplane coordinates, d = k*k-1, M = 10,000 in the
+paper) and raw kernels `[N, k, k]`, find for each kernel
+
+    idx[i] = argmax_j cos(embed(kernel_i), recon_j)      dis[i] = 1 − max_j cos(…)
+
+where `embed` is preprocess.embed (centre, normalise, hyperplane basis), so `dis` is the
+mean-centred cosine dissimilarity of the pixel kernels. Two methods give the same answer
+(`method=`; `choose_method` picks one per backend, M and curve shape; launch/bench_assign.py
+measures them).
+
+Tie rule (both): the lowest index whose float32 similarity is ≥ S − TIE_TOL, S the largest one
+(TIE_TOL = 2⁻²², ~2 float32 ulps at 1.0). It does not depend on how M is tiled; below float32
+rounding "the" argmax is not defined anyway.
+
+**brute** (measured on a 2-core AVX-512 CPU):
+  * XLA:CPU fuses `max(X @ Rᵀ, axis=1)` into one YNNPACK kernel that never writes the `[C, M]`
+    similarity matrix and runs at ~GEMM speed. `argmax` (a variadic reduce) does not fuse: it
+    materialises the matrix and runs ~10× slower. So M is cut into tiles of `tile_m` rows and a
+    `fori_loop` runs one fused dot+max per tile. tile_m = 64 measured best on CPU (16: per-step
+    overhead, −16%; ≥128: −10% or worse, slower microkernel).
+  * The loop visits tiles last to first, keeping (S, first tile with maximum ≥ S − TIE_TOL): a tile
+    within TIE_TOL of the running maximum replaces the held one, and one that raises the maximum
+    qualifies itself and lies lower, so the held tile is always the lowest qualifying: O(1) state.
+  * Refinement: kernels sorted by winning tile, then per block of BLOCK kernels one GEMM per window
+    of a few tiles covering the block's tiles (one or two), first row ≥ S − TIE_TOL. A per-kernel
+    gather of its tile (a batched matrix-vector product) was slower and rounds differently.
+
+**pruned** (exact; for rows along a smooth curve, as a decoder's codes are): a sub-tile of `SUB_M`
+consecutive rows lies in a small spherical cap (unit centre c, angular radius ρ, measured on the
+host in float64), and for a unit x at angle θ from c every row r of the cap has
+x·r ≤ cos(max(0, θ − ρ)). Each kernel gets a lower bound lb on S (its similarity to one real row per
+tile); a sub-tile whose bound, widened by every float32 rounding term (`pruned_tables`), is below
+lb − TIE_TOL holds no row either method could pick. XLA has no cheap per-kernel data-dependent
+loop, so kernels are sorted by their best tile (far-from-curve and unprovable ones after the rest)
+and searched in blocks of BLOCK kernels: the union of the block's candidate sub-tiles, as tiles,
+is visited highest first in windows of WINDOW_TILES tiles, one GEMM each, keeping (S, lowest row
+≥ S − TIE_TOL) as the tile loop does. Kernels the bound cannot serve (norm off: dead, denormal,
+NaN) make their block visit every tile, i.e. brute force; exact zeros are answered directly
+(S = 0, row 0, what brute force computes for them).
+
+Why the two agree bit for bit: tiles the pruned search skips hold only rows < S − TIE_TOL in
+float32, so S and the lowest qualifying row are decided by the rows both visit, and on XLA:CPU every
+GEMM here rounds each element alike (one FMA chain in k order, whatever the shapes, for ≥ 2 rows and
+output widths that are multiples of 64: tile_m a multiple of 64, ≥ MIN_DEVICE_ROWS per device;
+tested). With other tile sizes or on another backend the GEMMs may round an element differently by
+an ulp, so the two can differ where a row sits within that ulp of S − TIE_TOL.
+
+Both methods: host arrays (np.memmap is fine) are streamed in chunks of `chunk_size` kernels; the
+last chunk is padded so there is one compiled shape; each chunk is sharded over the mesh's "data"
+axis (shard_map: every device runs on its rows, reconstructions replicated); two chunks are kept in
+flight so host reads, and whatever the caller does with a chunk (`Searcher.stream`), overlap
+compute. Memory is O(chunk_size·(k² + M/tile_m) + M·d), flat in N, plus the two O(N) outputs
+(8 bytes per kernel) of `nearest_codes`; `Searcher.stream` yields chunks instead. Every dot
+product is float32 at HIGHEST precision, so a TPU/GPU does not silently use bf16 passes. bfloat16
+was tried on CPU: the fused dot+max is no faster.
+
+Dead kernels are screened in the jit with a float32 norm ratio; only rows near the threshold go
+through preprocess.valid_mask (float64, host), so the verdict is exactly valid_mask's without a
+float64 pass over every kernel (that pass cost ~10% of wall time). Dead kernels (valid_mask False:
+constant or all-zero) get `idx = −1` and `dis = 1.0` (what a zero vector's cosine gives: orthogonal
+to everything) — never NaN, per preprocess's convention; callers filter on `idx >= 0`. `dis` is
+clipped to [0, 2] (float32 rounding can make 1 − cos slightly negative for an exact match).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from dwjax.io import shards
+from dwjax.model import mesh as mesh_lib
+from dwjax.model import preprocess
+from dwjax.search.device_programs import TIE_TOL, nearest_block, pruned_search, pruned_tables, tiles  # noqa: F401  (TIE_TOL, nearest_block: part of the API)
+
+DEFAULT_CHUNK = 32768
+# Rows per tile, per backend: 64 measured best on CPU (see the module docstring); 128 is the
+# TPU MXU / GPU tensor-core width (not measured: no accelerator was available).
+TILE_M = {"cpu": 64, "gpu": 128, "tpu": 128}
+DEFAULT_TILE_M = TILE_M["cpu"]
+# fori_loop unroll of the brute-force tile loop: fewer loop-carried selects between fused calls.
+UNROLL = 4
+DEAD_DISSIMILARITY = 1.0
+METHODS = ("auto", "brute", "pruned")
+# auto: pruned only on CPU, from this many reconstructions up, and only if they form a smooth
+# curve: median sub-tile cap radius below this (radians). Measured on a curve of DoG-family
+# templates: pruned/brute break even near M = 5,000 (radius 0.054).
+PRUNED_MIN_M = 6000
+PRUNED_MAX_RADIUS = 0.04
+# Rows per device of one compiled call: with ≥ 2 rows XLA:CPU runs every GEMM through its blocked
+# kernel; a 1-row product takes a matrix-vector path that rounds differently (see docstring).
+MIN_DEVICE_ROWS = 8
+
+
+class Chunk(NamedTuple):
+    """One compiled call's answers for rows `[start, start + n)` of the kernels searched."""
+    start: int
+    idx: np.ndarray       # [n] int32 index into recon, −1 for a dead kernel
+    dis: np.ndarray       # [n] float32 1 − max cosine, DEAD_DISSIMILARITY for a dead kernel
+    raw_sum: np.ndarray   # [n] float32 sum of the raw kernel's weights
+    raw_norm: np.ndarray  # [n] float32 L2 norm of the raw kernel
+
+
+# ------------------------------------------------------------------------------------ per chunk
+
+def _assign_chunk(kernels, r_tiles, basis, tables, m: int, method: str, unroll: int = 1):
+    """`[C, k, k]` raw kernels → `(idx, dis, ratio, raw_sum, raw_norm)`, each `[C]` (idx int32, the
+    rest float32).
+
+    `ratio` = centred norm / raw norm, the dead-kernel screen (see `_valid`); 0 (dead) for a
+    negligible kernel (max |w| below preprocess.DEAD_ABSOLUTE_MAX: an exact float32 test).
+    `raw_sum` and `raw_norm` (preprocess.raw_statistics) come with it: the rows' statistics cost
+    nothing here and would cost a pass over every kernel on the host.
+    `tables` is None for brute force.
+    """
+    x = preprocess.embed(kernels, basis)
+    if method == "pruned":
+        best, row = pruned_search(x, r_tiles, tables)
+        idx = jnp.minimum(row, m - 1).astype(jnp.int32)
+    else:
+        idx, best = nearest_block(x, r_tiles, m, unroll)
+    flat = kernels.reshape(kernels.shape[0], -1).astype(jnp.float32)
+    total, raw, peak = preprocess.raw_statistics(kernels)
+    cn = jnp.linalg.norm(flat - jnp.mean(flat, axis=1, keepdims=True), axis=1)
+    big = peak >= preprocess.DEAD_ABSOLUTE_MAX
+    ratio = jnp.where(big, cn / jnp.where(big, raw, 1.0), 0.0)
+    return idx, jnp.clip(1.0 - best, 0.0, 2.0), ratio, total, raw
+
+
+def _valid(ratio: np.ndarray, host: np.ndarray) -> np.ndarray:
+    """preprocess.valid_mask's exact verdict, cheaply: the float32 ratio decides every row more
+    than 2× away from the threshold (its float32 error is a few % of the threshold at most: a mean
+    that is off by a few ulps of |mean|); the float64 host function decides the rest. Running
+    valid_mask on every row instead costs ~10% of wall time at 1M kernels (host work competes for
+    the cores)."""
+    t = preprocess.DEAD_RELATIVE_NORM
+    valid = ratio > 2 * t
+    border = (ratio > 0.5 * t) & ~valid
+    if border.any():
+        valid[border] = preprocess.valid_mask(host[border])
+    return valid
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(mesh: Mesh, m: int, method: str, unroll: int = UNROLL):
+    """The jitted chunk function for one mesh: kernels sharded on "data", the rest replicated.
+
+    shard_map: each device runs `_assign_chunk` on its own rows (no communication; shapes local).
+    Outputs are then replicated (tiny `[C]` vectors) so every process can read all of them.
+    """
+    bat, rep = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
+    fn = functools.partial(_assign_chunk, m=m, method=method, unroll=unroll)
+    per_device = jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P(), P(), P()),
+                               out_specs=(P("data"),) * 5)
+    return jax.jit(per_device, in_shardings=(bat, rep, rep, rep), out_shardings=(rep,) * 5)
+
+
+def _put(mesh: Mesh, host: np.ndarray) -> jax.Array:
+    """A global host chunk (identical on every process) → sharded along axis 0."""
+    if jax.process_count() == 1:
+        return mesh_lib.shard_batch(mesh, host)
+    # mesh.shard_batch takes this process's rows; slicing per device by index avoids assuming
+    # which rows those are.
+    return jax.make_array_from_callback(host.shape, mesh_lib.batch_sharded(mesh), lambda i: host[i])
+
+
+def _chunk_rows(n: int, chunk_size: int, n_dev: int) -> int:
+    """Rows per compiled call: chunk_size rounded up to a multiple of n_dev·MIN_DEVICE_ROWS; small N
+    → the next power of 2 (so a one-chunk call does not pay for a full chunk, and repeated small
+    calls reuse few shapes), at least MIN_DEVICE_ROWS per device."""
+    unit = n_dev * MIN_DEVICE_ROWS
+    c = -(-max(chunk_size, 1) // unit) * unit
+    if n < c:
+        c = min(c, max(unit, 1 << max(n - 1, 0).bit_length()))
+        c = -(-c // unit) * unit
+    return c
+
+
+def choose_method(backend: str, n: int, m: int, radius: float | None = None) -> str:
+    """"brute" or "pruned" for N kernels against M reconstructions on `backend` ("cpu", "gpu",
+    "tpu"), measured with launch/bench_assign.py:
+
+      * GPU/TPU: brute force. Its fused GEMM is what accelerators are built for, and the pruned
+        search's sequential per-block loop of small GEMMs would leave most of the chip idle (not
+        measured: no accelerator was available; rerun the benchmark there to revisit).
+      * CPU, M < PRUNED_MIN_M: brute force (few tiles: the bound pass and the block loop cost as
+        much as they save).
+      * CPU, `radius` (the median sub-tile cap radius, `PrunedTables.radius`) ≥ PRUNED_MAX_RADIUS:
+        brute force: the rows are too far apart along the curve, or form no curve at all (random
+        rows: ~1.7 rad), and the bound prunes too little.
+      * CPU otherwise: pruned (N does not matter: both compile once per chunk shape).
+    """
+    if backend != "cpu" or m < PRUNED_MIN_M:
+        return "brute"
+    if radius is not None and radius >= PRUNED_MAX_RADIUS:
+        return "brute"
+    return "pruned"
+
+
+def default_tile_m(backend: str) -> int:
+    return TILE_M.get(backend, DEFAULT_TILE_M)
+
+
+def nearest_codes(kernels, recon, chunk_size: int = DEFAULT_CHUNK, mesh: Mesh | None = None, *,
+                  method: str = "auto", tile_m: int | None = None, inflight: int = 2,
+                  log=None) -> tuple[np.ndarray, np.ndarray]:
+    """Each kernel's nearest reconstruction by mean-centred cosine dissimilarity.
+
+    Args:
+      kernels: `[N, k, k]` raw kernels, any float dtype; a host array or anything with `len()`,
+        `.shape` and row slicing (np.memmap is read one chunk at a time).
+      recon: `[M, k*k-1]` reconstructions in hyperplane coordinates (need not be unit length).
+      chunk_size: kernels per compiled call (rounded up to a multiple of the device count × 8).
+      mesh: a 1-axis mesh named "data" (default: mesh.data_mesh(), every device).
+      method: "brute", "pruned" (same answer; see the module docstring) or "auto"
+        (`choose_method` for the mesh's backend, M and the rows' curve radius).
+      tile_m: reconstructions per tile (default: `TILE_M` for the backend).
+      inflight: chunks dispatched ahead of the one being read back.
+      log: optional callable, given one line saying which method ran and why (for "auto").
+    Returns:
+      `(idx [N] int32, dis [N] float32)`: index into recon (−1 for a dead kernel) and
+      1 − max cosine (1.0 for a dead kernel).
+    """
+    shape = tuple(kernels.shape[1:])
+    k = int(round(np.sqrt(np.prod(shape))))
+    if k * k != int(np.prod(shape)):
+        raise ValueError(f"kernels must be [N, k, k]; got {kernels.shape}")
+    searcher = Searcher(recon, k, mesh, method=method, tile_m=tile_m, chunk_size=chunk_size,
+                        inflight=inflight, log=log)
+    return searcher(kernels)
+
+
+class Searcher:
+    """`nearest_codes` prepared once for many calls against the same reconstructions: the tiles,
+    the pruning tables and the method choice are built here, each call only streams kernels.
+
+    `fixed_shape=True` runs every call at the full `chunk_size` shape (padding small calls), so a
+    kernel's answer does not depend on how a job was cut into calls.
+    """
+
+    def __init__(self, recon, kernel_size: int, mesh: Mesh | None = None, *,
+                 method: str = "auto", tile_m: int | None = None,
+                 chunk_size: int = DEFAULT_CHUNK, inflight: int = 2, fixed_shape: bool = False,
+                 log=None):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        k = kernel_size
+        recon = np.asarray(recon, np.float32)
+        if recon.ndim != 2 or recon.shape[1] != k * k - 1 or len(recon) == 0:
+            raise ValueError(f"recon must be [M, {k * k - 1}] with M > 0; got {recon.shape}")
+        self.k, self.m, self.chunk_size, self.inflight = k, len(recon), chunk_size, inflight
+        self.fixed_shape = fixed_shape
+        self.mesh = mesh = mesh_lib.data_mesh() if mesh is None else mesh
+        backend = mesh.devices.flat[0].platform
+        self.tile_m = tile_m = default_tile_m(backend) if tile_m is None else int(tile_m)
+        rep = mesh_lib.replicated(mesh)
+        r_host = np.asarray(tiles(recon, tile_m))  # the tables are built from it on the host
+        self.r_tiles = jax.device_put(r_host, rep)
+        tables = None
+        if method == "auto":
+            method = choose_method(backend, 0, self.m)
+            if method == "pruned":
+                tables = pruned_tables(r_host)
+                radius = float(tables.radius)
+                method = choose_method(backend, 0, self.m, radius)
+                why = f"median cap radius {radius:.3f} rad"
+            else:
+                why = f"backend {backend}, M = {self.m}"
+            if log is not None:
+                log(f"nearest-code search: {method} ({why}; tile_m = {tile_m}, "
+                    f"{mesh.size} device(s))")
+        if method == "pruned" and tables is None:
+            tables = pruned_tables(r_host)
+        self.method = method
+        self.tables = None if method == "brute" else jax.device_put(tables, rep)
+        self.basis = jax.device_put(preprocess.hyperplane_basis(k), rep)
+        self.fn = _compiled(mesh, self.m, method)
+
+    def __call__(self, kernels) -> tuple[np.ndarray, np.ndarray]:
+        """`[N, k, k]` → `(idx [N] int32, dis [N] float32)`, as `nearest_codes`."""
+        n = len(kernels)
+        idx = np.empty(n, np.int32)
+        dis = np.empty(n, np.float32)
+        for chunk in self.stream(kernels):
+            idx[chunk.start:chunk.start + len(chunk.idx)] = chunk.idx
+            dis[chunk.start:chunk.start + len(chunk.idx)] = chunk.dis
+        return idx, dis
+
+    def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        """Rows `[start, stop)` of `kernels [N, k, k]`, one `Chunk` per compiled call, in order.
+
+        `inflight` calls are dispatched ahead of the one returned, so the devices go on searching
+        while the caller writes a chunk's rows. Memory is O(chunk), whatever N: a read-only
+        memmap's searched rows are released (shards.release_pages).
+        """
+        if start < 0:
+            raise ValueError(f"start must be ≥ 0; got {start}")
+        k = self.k
+        stop = len(kernels) if stop is None else min(stop, len(kernels))
+        n = max(stop - start, 0)
+        if n == 0:
+            return
+        c = _chunk_rows(self.chunk_size if self.fixed_shape else n, self.chunk_size,
+                        self.mesh.size)
+        pending: collections.deque = collections.deque()
+
+        def drain() -> Chunk:
+            a, rows, host, out = pending.popleft()
+            i_c, d_c, ratio, raw_sum, raw_norm = (np.asarray(o)[:rows] for o in out)
+            valid = _valid(ratio, host[:rows])
+            shards.release_pages(kernels, a, a + rows)
+            return Chunk(a, np.where(valid, i_c, -1).astype(np.int32),
+                         np.where(valid, d_c, DEAD_DISSIMILARITY).astype(np.float32),
+                         raw_sum, raw_norm)
+
+        for a in range(start, stop, c):
+            host = np.asarray(kernels[a:min(a + c, stop)], np.float32).reshape(-1, k, k)
+            rows = len(host)
+            if rows < c:  # pad the last chunk: one compiled shape; padded rows are dropped
+                host = np.concatenate([host, np.zeros((c - rows, k, k), np.float32)])
+            pending.append((a, rows, host, self.fn(_put(self.mesh, host), self.r_tiles,
+                                                   self.basis, self.tables)))
+            if len(pending) > self.inflight:
+                yield drain()
+        while pending:
+            yield drain()
