@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from dwjax import cli
+from dwjax import cli, runtime
 from dwjax.errors import ConfigError, UserError
 from dwjax.io import assignment_files, atomic, paths, shards
 from dwjax.io import workdir as workdir_lib
@@ -367,18 +367,18 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_workers", 1, "Independent workers sharing this job (SLURM arrays, "
                          "separate VMs): each takes every num_workers-th part.")
     flags.DEFINE_integer("worker_index", 0, "This worker's index in [0, num_workers).")
-    cli.define_distributed_flags()
+    runtime.define_distributed_flags()
 
 
 def main(argv):
     del argv
     cli.setup()
-    cli.use_every_cpu_core()
+    runtime.use_every_cpu_core()
     workdir = FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size or 5)
     with cli.user_errors("assign"):
-        cli.init_distributed()
+        runtime.init_distributed()
         workers, index, barrier = FLAGS.num_workers, FLAGS.worker_index, None
-        if cli.distributed_requested():
+        if runtime.distributed_requested():
             import jax
             from jax.experimental import multihost_utils
 
@@ -396,7 +396,7 @@ def main(argv):
               f"({100 * summary['clustered_fraction']:.1f}%); per-kernel rows in {rows}/")
     else:
         print(f"worker {index}: its parts are assigned; rows in {rows}/")
-    cli.skip_final_collection()
+    runtime.skip_final_collection()
 
 
 if __name__ == "__main__":

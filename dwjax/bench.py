@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
-from dwjax import cli
+from dwjax import cli, runtime
 from dwjax.errors import ConfigError
 from dwjax.io import atomic, paths
 from dwjax.perf import assign_speed, convert_speed, train_speed
@@ -137,7 +137,7 @@ def define_flags() -> None:
 def main(argv):
     del argv
     cli.setup()
-    cli.use_every_cpu_core()  # as `python -m dwjax.assign` runs its search
+    runtime.use_every_cpu_core()  # as `python -m dwjax.assign` runs its search
     with cli.user_errors("bench"):
         sizes = {k: getattr(FLAGS, k) for k in SIZES}
         for k, v in sizes.items():

@@ -1,5 +1,5 @@
-"""What every stage's `main` shares: log level, the compilation cache, multi-host start, default
-directories, the embedded-default conversion, and the one rule for errors.
+"""What every stage's `main` shares: the one rule for errors, the terminal's log level, and the
+command line of a config-driven stage (`--kernel_size`, `--config`, `--config.<field>=…`).
 
 The rule: a `UserError` (bad flag, file or directory) becomes one line `<stage>: <message>` on
 stderr and exit code 1; an OS-level failure a user can fix (permission, not a directory, disk
@@ -9,18 +9,23 @@ interrupted`, exit 130. Anything else raises with its traceback, because it is a
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
-import gc
+import importlib
 import os
 import signal
 import sys
-import warnings
 from typing import Callable, Iterator
 
-from absl import flags, logging
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from dwjax.errors import UserError
-from dwjax.io import paths, shards, sources
+from dwjax import runtime
+from dwjax.errors import ConfigError, UserError
+from dwjax.io import paths
+
+FLAGS = flags.FLAGS
 
 # Failures of the environment, not of dwjax: each names a path the user can fix.
 _USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
@@ -58,7 +63,8 @@ def user_errors(stage: str) -> Iterator[None]:
 
 
 def setup(uses_jax: bool = True) -> None:
-    """Log level and compilation cache, for a stage run as a program (never for library calls).
+    """For a stage run as a program (never for library calls): log level, file-size limit,
+    figures without a display, and the compilation cache.
 
     orbax logs every save at INFO: the terminal keeps to our progress lines unless -v is given.
     """
@@ -66,73 +72,80 @@ def setup(uses_jax: bool = True) -> None:
         logging.set_verbosity(logging.WARNING)
     # A write past the file-size limit then raises OSError(EFBIG), one line, instead of a kill.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    if not uses_jax:
-        return
-    import jax
-
-    # The cache only saves compile time: failing to write it (a full disk), or an entry torn by
-    # one, costs a compile, not a warning.
-    warnings.filterwarnings(
-        "ignore", message="Error (writing|reading) persistent compilation cache"
-    )
-
-    # A re-run (resume, another stage on the same run) skips compiles; library code leaves jax's
-    # configuration alone.
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", paths.xla_cache_dir())
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # Programs draw into files; library modules never pick a backend (a notebook keeps its own).
+    if "matplotlib" in sys.modules:
+        sys.modules["matplotlib"].use("Agg")
+    else:
+        os.environ.setdefault("MPLBACKEND", "Agg")
+    if uses_jax:
+        runtime.enable_compilation_cache()
 
 
-def skip_final_collection() -> None:
-    """Call once a stage's work is done and its files are closed: every object alive then is left
-    out of the interpreter's collections at exit (`gc.freeze`). With jax loaded those walk hundreds
-    of thousands of objects, a noticeable part of a short command's time, only to free memory the
-    exit frees anyway."""
-    gc.freeze()
+# ----------------------------------------------------------------------------- config stages
+def run_config_stage(stage: str, main: Callable[[list[str]], None],
+                     define_flags: Callable[[], None], default_kernel_size: int | None = None
+                     ) -> None:
+    """Runs a config-driven stage as a program under absl.
 
+    `--kernel_size` is parsed first: it picks `configs/<stage>.py:<k>` (else `default_kernel_size`,
+    else `configs/<stage>.py` with no argument), so `--config` can be defined with that default and
+    read its `--config.<field>=…` overrides. An unknown field gets one line with the nearest names.
+    """
+    flags.DEFINE_integer("kernel_size", None,
+                         f"Kernel size k; picks configs/{stage}.py:k.", lower_bound=2)
+    try:
+        FLAGS(sys.argv, known_only=True)
+    except flags.Error as e:
+        fail(stage, str(e), 1)
+    kernel_size = FLAGS.kernel_size or default_kernel_size
+    FLAGS.unparse_flags()  # app.run parses everything once more, the config flag included
+    try:  # config_flags reads the --config.<field> overrides in sys.argv as it is defined
+        config_flags.DEFINE_config_file(
+            "config", paths.config_file(stage, kernel_size),
+            f"{stage} config (default configs/{stage}.py[:<kernel_size>]); override any field "
+            "with --config.<field>=…")
+    except (AttributeError, KeyError):
+        fail(stage, _unknown_field(sys.argv, stage, kernel_size), 1)
+    define_flags()
 
-def use_every_cpu_core() -> None:
-    """On a CPU, one JAX device per core, for work split into per-device pieces (the nearest-code
-    search's shard_map): one CPU device runs such a loop on one core. A no-op where the device
-    count is already set (XLA_FLAGS) or the backend is started."""
-    import jax
-
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    def parse(argv: list[str]) -> list[str]:
         try:
-            jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
-        except RuntimeError:  # backends already initialised
-            pass
+            return FLAGS(argv)
+        except flags.Error as e:
+            fail(stage, str(e), 1)
+        except (AttributeError, KeyError):  # ml_collections: an unknown --config.<field>
+            fail(stage, _unknown_field(argv, stage, kernel_size), 1)
+
+    app.run(main, flags_parser=parse)
 
 
-def define_distributed_flags() -> None:
-    flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
-                      "(auto-detects Cloud TPU pods and SLURM; else give the three flags below).")
-    flags.DEFINE_string("coordinator_address", None,
-                        "host:port of process 0 (multi-host without auto-detection).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-    flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+def stage_config() -> ml_collections.ConfigDict:
+    """The parsed `--config`, checked against `--kernel_size` when both name one."""
+    config = FLAGS.config
+    k = FLAGS.kernel_size
+    if k is not None and "kernel_size" in config and config.kernel_size not in (None, k):
+        raise ConfigError(f"--kernel_size {k} disagrees with --config.kernel_size "
+                          f"{config.kernel_size}")
+    return config
 
 
-def distributed_requested() -> bool:
-    return bool(flags.FLAGS.distributed or flags.FLAGS.coordinator_address)
+def _unknown_field(argv: list[str], stage: str, kernel_size: int | None) -> str:
+    """The first `--config.<field>` the config does not have, with the nearest known names."""
+    module = importlib.import_module(f"dwjax.configs.{stage}")
+    arg = None if kernel_size is None else str(kernel_size)
 
+    def fields(d, prefix=""):
+        for key, value in d.items():
+            yield prefix + key
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from fields(value, f"{prefix}{key}.")
 
-def init_distributed() -> None:
-    """Starts JAX's multi-process runtime when the distributed flags ask for it."""
-    fl = flags.FLAGS
-    if distributed_requested():
-        import jax
-
-        jax.distributed.initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
-
-
-def data_dir_or_default(data_dir: str | None, log: Callable[[str], None] = print) -> str:
-    """`data_dir`, or the embedded default's shards (converted first if they are missing)."""
-    if data_dir is not None:
-        return data_dir
-    data_dir = paths.default_data_dir()
-    if not shards.has_manifest(data_dir):
-        log(f"no kernel shards in {data_dir}: converting the embedded default first")
-        shards.add_sources(data_dir, sources.embedded_sources(), log=log,
-                           regular_sample=shards.DEFAULT_REGULAR_SAMPLE)
-    return data_dir
+    known = list(fields(module.get_config(arg)))
+    for a in argv[1:]:
+        if a.startswith("--config."):
+            name = a[len("--config."):].split("=", 1)[0]
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=2)
+                hint = f" (did you mean {' or '.join('--config.' + c for c in close)}?)"
+                return f"--config.{name}: unknown config field{hint if close else ''}"
+    return "--config: unknown config field"

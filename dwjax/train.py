@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
-import sys
 import time
 from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from dwjax import cli
-from dwjax.errors import ConfigError, UserError
-from dwjax.io import locks, metrics, paths, run_checkpoints
+from dwjax import cli, runtime
+from dwjax.errors import UserError
+from dwjax.io import locks, metrics, paths, run_checkpoints, sources
 from dwjax.io import workdir as workdir_lib
 from dwjax.model import autoencoder as model_lib
 from dwjax.model import dataset as dataset_lib
@@ -40,27 +37,27 @@ class TrainResult:
     rows_read: int                 # kernels this process read from the shards (its batch slices)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
-                       log: Callable[[str], None] = print,
-                       stop_after_epochs: int | None = None) -> TrainResult:
+def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None, *,
+        log: Callable[[str], None] = print, stop_after_epochs: int | None = None) -> TrainResult:
     """Trains (resuming from `workdir`'s latest checkpoint if any) and evaluates; the notebook API.
 
     `stop_after_epochs` ends the run early without a final save (tests use it to simulate a kill).
     """
     # Everything a user can get wrong is checked before the run directory is touched.
     steps.validate_config(config)
-    run = workdir_lib.RunDir(workdir)
-    workdir_lib.check_architecture(run, workdir_lib.architecture(config))
+    rundir = workdir_lib.RunDir(workdir)
+    workdir_lib.check_architecture(rundir, workdir_lib.architecture(config))
     mesh = mesh_lib.data_mesh()
-    dataset = dataset_lib.KernelDataset(data_dir, config.kernel_size)
+    dataset = dataset_lib.KernelDataset(sources.data_dir_or_default(data_dir, log),
+                                        config.kernel_size)
     steps.check_fits(config, mesh.devices.size, len(dataset))
-    workdir_lib.ensure_dir(run)
+    workdir_lib.ensure_dir(rundir)
     # One training per run directory: a second is refused (a killed one's lock is gone with it).
     # Every process of a multi-host job shares the directory, so process 0 alone holds it.
-    lock = (locks.exclusive(run.lock, "training", wait=False) if jax.process_index() == 0
+    lock = (locks.exclusive(rundir.lock, "training", wait=False) if jax.process_index() == 0
             else contextlib.nullcontext())
     with lock:
-        return _train(config, run, dataset, mesh, log, stop_after_epochs)
+        return _train(config, rundir, dataset, mesh, log, stop_after_epochs)
 
 
 def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
@@ -148,79 +145,25 @@ class TrainingDiverged(UserError):
 FLAGS = flags.FLAGS
 
 
-def define_flags(kernel_size: int) -> None:
+def define_flags() -> None:
     """Flags are defined only when run as a program, so importing the core defines none."""
     flags.DEFINE_string("data_dir", None,
                         "Kernel shards (default: the embedded default, converted if missing).")
     flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<k>).")
-    config_flags.DEFINE_config_file("config", paths.train_config_file(kernel_size),
-                                    "Train config file (default configs/train.py:<kernel_size>).")
-    cli.define_distributed_flags()
+    runtime.define_distributed_flags()
 
 
 def main(argv):
     del argv
     cli.setup()
     with cli.user_errors("train"):
-        cli.init_distributed()
-        config = FLAGS.config
-        if FLAGS.kernel_size is not None and config.kernel_size != FLAGS.kernel_size:
-            raise ConfigError(f"--kernel_size {FLAGS.kernel_size} disagrees with "
-                              f"--config.kernel_size {config.kernel_size}")
+        runtime.init_distributed()
+        config = cli.stage_config()
         workdir = FLAGS.workdir or paths.default_workdir(config.kernel_size)
-        result = train_and_evaluate(config, workdir, cli.data_dir_or_default(FLAGS.data_dir))
+        result = run(config, workdir, FLAGS.data_dir)
     print(f"done: mean cosine dissimilarity {result.eval_loss:.4f} over {result.num_kernels:,} "
           f"kernels; run in {workdir}")
 
 
-def run() -> None:
-    # --kernel_size picks the config file's argument (configs/train.py:K), so it is parsed, by
-    # absl, before the --config flag is defined with that default.
-    flags.DEFINE_integer(
-        "kernel_size", None, "Kernel size k; picks configs/train.py:k (default 5).", lower_bound=2
-    )
-    try:
-        FLAGS(sys.argv, known_only=True)
-    except flags.Error as e:
-        cli.fail("train", str(e), 1)
-    kernel_size = FLAGS.kernel_size or 5
-    FLAGS.unparse_flags()  # app.run parses everything once more, the config flag included
-    try:  # config_flags reads the --config.<field> overrides in sys.argv as it is defined
-        define_flags(kernel_size)
-    except (AttributeError, KeyError):
-        cli.fail("train", _unknown_field(sys.argv, kernel_size), 1)
-
-    def parse(argv: list[str]) -> list[str]:
-        try:
-            return FLAGS(argv)
-        except flags.Error as e:
-            cli.fail("train", str(e), 1)
-        except (AttributeError, KeyError):  # ml_collections: an unknown --config.<field>
-            cli.fail("train", _unknown_field(argv, kernel_size), 1)
-
-    app.run(main, flags_parser=parse)
-
-
-def _unknown_field(argv: list[str], kernel_size: int) -> str:
-    """The first `--config.<field>` the config does not have, with the nearest known names."""
-    from dwjax.configs import train as train_configs
-
-    def fields(d, prefix=""):
-        for key, value in d.items():
-            yield prefix + key
-            if isinstance(value, ml_collections.ConfigDict):
-                yield from fields(value, f"{prefix}{key}.")
-
-    known = list(fields(train_configs.get_config(str(kernel_size))))
-    for arg in argv[1:]:
-        if arg.startswith("--config."):
-            name = arg[len("--config."):].split("=", 1)[0]
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=2)
-                hint = f" (did you mean {' or '.join('--config.' + c for c in close)}?)"
-                return f"--config.{name}: unknown config field{hint if close else ''}"
-    return "--config: unknown config field"
-
-
 if __name__ == "__main__":
-    run()
+    cli.run_config_stage("train", main, define_flags, default_kernel_size=5)

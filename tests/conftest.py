@@ -34,7 +34,7 @@ def default_run_k5(embedded_dir, tmp_path_factory):
     from dwjax import train
 
     workdir = str(tmp_path_factory.mktemp("run_k5"))
-    return train.train_and_evaluate(
+    return train.run(
         train_configs.get_config("5"), workdir, embedded_dir, log=lambda *_: None
     )
 

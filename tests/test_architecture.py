@@ -52,8 +52,9 @@ def _imported_dwjax_modules(tree: ast.Module) -> set[str]:
 
 
 # Role subpackages, and the roles each may import (besides itself). Stages (the top-level modules
-# run as programs) may import any library module, never another stage; `cli` and `errors` sit at
-# the top and may be imported by anything, `cli` only by stages.
+# run as programs) may import any library module, never another stage. `errors` may be imported by
+# anything; `cli` and `runtime` (what a stage's main shares) import io only, and only stages import
+# them.
 ROLES = {
     "io": set(),
     "model": {"io"},
@@ -63,7 +64,7 @@ ROLES = {
     "perf": {"patterns", "search", "model", "io"},
     "configs": set(),
 }
-TOP_LIBRARIES = {"__init__", "cli", "errors"}
+TOP_LIBRARIES = {"__init__", "cli", "errors", "runtime"}
 
 
 def _role(module: str) -> str | None:
@@ -111,12 +112,15 @@ def test_stages_are_siblings_and_libraries_respect_their_layers():
     assert _layer_violations(_modules()) == {}
 
 
+MAIN = "if __name__ == '__main__':\n    pass\n"
+
+
 def test_the_layer_check_catches_a_wrong_import():
     modules = {"io.shards": ast.parse("from dwjax.model import preprocess\n"),
                "search.nearest": ast.parse("def f():\n    from dwjax.views import tables\n"),
                "views.page": ast.parse("from dwjax.io import atomic\nfrom dwjax import cli\n"),
-               "assign": ast.parse("from dwjax import report\nif __name__ == '__main__':\n    pass\n"),
-               "report": ast.parse("from dwjax.views import page\nif __name__ == '__main__':\n    pass\n")}
+               "assign": ast.parse(f"from dwjax import report\n{MAIN}"),
+               "report": ast.parse(f"from dwjax.views import page\n{MAIN}")}
     assert _layer_violations(modules) == {"io.shards": ["model.preprocess"],
                                           "search.nearest": ["views.tables"],
                                           "views.page": ["cli"], "assign": ["report"]}

@@ -40,7 +40,7 @@ def dog_run(tmp_path_factory):
     d = make_data_dir(tmp, {"dogs": noisy.astype(np.float32)})
     c = train_configs.get_config("7")
     c.num_epochs, c.batch_size = 60, 128
-    train.train_and_evaluate(c, str(tmp / "run"), d, **QUIET)
+    train.run(c, str(tmp / "run"), d, **QUIET)
     return str(tmp / "run"), d, np.asarray(classes)
 
 

@@ -32,7 +32,7 @@ def small_run(tmp_path_factory):
                             for i in range(3)}, layers={f"src{i}": layers for i in range(3)})
     c = train_configs.get_config("5")
     c.num_epochs, c.batch_size, c.eval_batch_size = 3, 64, 512
-    train.train_and_evaluate(c, str(tmp / "run"), d, **QUIET)
+    train.run(c, str(tmp / "run"), d, **QUIET)
     return str(tmp / "run"), d, kernels
 
 

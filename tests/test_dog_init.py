@@ -210,7 +210,7 @@ def _train_and_assign(tmp_path, train_kernels: np.ndarray, queries: dict) -> dic
     config.num_epochs, config.learning_rate = 60, 1e-3
     config.checkpoint_every_epochs = config.num_epochs
     data_dir = make_data_dir(tmp_path, {"dog_family": train_kernels})
-    result = train.train_and_evaluate(config, os.path.join(str(tmp_path), "run"), data_dir,
+    result = train.run(config, os.path.join(str(tmp_path), "run"), data_dir,
                                       log=lambda *_: None)
     recon = np.asarray(result.model.decode(jnp.linspace(0.0, 1.0, 1000)))  # [M, 24]
     return {name: nearest.nearest_codes(kernels, recon)[1] for name, kernels in queries.items()}

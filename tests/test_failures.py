@@ -46,7 +46,7 @@ def trained(data, tmp_path_factory):
     c = train_configs.get_config("5")
     c.num_epochs, c.batch_size, c.eval_batch_size = 2, 64, 512
     w = str(tmp_path_factory.mktemp("trained") / "run")
-    train.train_and_evaluate(c, w, data, **QUIET)
+    train.run(c, w, data, **QUIET)
     return w
 
 
@@ -93,7 +93,7 @@ def test_a_diverging_run_stops_without_checkpointing_nan(data, tmp_path):
     c.num_epochs, c.batch_size, c.learning_rate, c.schedule = 3, 64, 1e30, "constant"
     w = str(tmp_path / "w")
     with pytest.raises(train.TrainingDiverged, match="loss became"):
-        train.train_and_evaluate(c, w, data, **QUIET)
+        train.run(c, w, data, **QUIET)
     assert not os.path.exists(os.path.join(w, "checkpoints")) or not [
         d for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()]
 

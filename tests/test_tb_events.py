@@ -34,7 +34,7 @@ def test_training_writes_tensorboard_curves(tmp_path):
     c = train_configs.get_config("5")
     c.batch_size, c.num_epochs = 64, 2
     wd = str(tmp_path / "run")
-    train.train_and_evaluate(c, wd, d, log=lambda *_: None)
+    train.run(c, wd, d, log=lambda *_: None)
     (path,) = glob.glob(os.path.join(wd, "tensorboard", "events.out.tfevents.*"))
     scalars = tb_events.read_scalars(path)
     epochs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl")) if '"epoch"' in l]

@@ -48,7 +48,7 @@ def proto_dir(tmp_path_factory):
 
 def test_short_training_separates_prototypes(proto_dir, tmp_path):
     d, x, labels = proto_dir
-    res = train.train_and_evaluate(
+    res = train.run(
         small_config(num_epochs=30, learning_rate=3e-3), str(tmp_path), d, log=lambda *_: None
     )
     codes = np.asarray(res.model.encode(preprocess.embed(x)))
@@ -69,7 +69,7 @@ from dwjax import train
 c = train_configs.get_config("5")
 c.batch_size, c.num_epochs, c.checkpoint_every_epochs, c.eval_batch_size = 64, 3, 10, 512
 import jax
-res = train.train_and_evaluate(c, sys.argv[1], sys.argv[2], log=lambda *_: None)
+res = train.run(c, sys.argv[1], sys.argv[2], log=lambda *_: None)
 losses = [json.loads(l)["loss"] for l in open(sys.argv[1] + "/metrics.jsonl") if '"loss"' in l]
 print(json.dumps({"devices": jax.device_count(), "losses": losses, "eval": res.eval_loss}))
 """
@@ -105,15 +105,15 @@ def _metric_lines(workdir):
 def test_killed_run_resumes_to_identical_parameters(proto_dir, tmp_path):
     d = proto_dir[0]
     cfg = small_config(num_epochs=5, checkpoint_every_epochs=2)
-    full = train.train_and_evaluate(cfg, str(tmp_path / "full"), d, log=lambda *_: None)
+    full = train.run(cfg, str(tmp_path / "full"), d, log=lambda *_: None)
     killed = str(tmp_path / "killed")
-    train.train_and_evaluate(
+    train.run(
         cfg, killed, d, log=lambda *_: None, stop_after_epochs=3
     )  # dies after epoch 3
     with open(os.path.join(killed, "metrics.jsonl"), "a") as f:
         f.write('{"step": 999, "lo')  # ... in the middle of writing a line
     logs = []
-    resumed = train.train_and_evaluate(cfg, killed, d, log=logs.append)
+    resumed = train.run(cfg, killed, d, log=logs.append)
     assert any("resumed" in l and "epoch 2" in l for l in logs)
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
@@ -128,7 +128,7 @@ def test_killed_run_resumes_to_identical_parameters(proto_dir, tmp_path):
 def test_mismatched_and_corrupt_checkpoints_are_refused(proto_dir, tmp_path):
     d = proto_dir[0]
     wd = str(tmp_path / "w")
-    train.train_and_evaluate(small_config(num_epochs=2), wd, d, log=lambda *_: None)
+    train.run(small_config(num_epochs=2), wd, d, log=lambda *_: None)
     # another architecture, through the command line: one line, non-zero exit
     p = run_module("dwjax.train", "--kernel_size=5", f"--data_dir={d}", f"--workdir={wd}",
                    "--config.model.hidden=(64,32,16,8)", "--config.num_epochs=3")
@@ -139,7 +139,7 @@ def test_mismatched_and_corrupt_checkpoints_are_refused(proto_dir, tmp_path):
     c = small_config(num_epochs=3)
     c.model.hidden = (64, 32, 16, 8)
     with pytest.raises(CheckpointError, match="checkpoint is for"):
-        train.train_and_evaluate(c, wd, d, log=lambda *_: None)
+        train.run(c, wd, d, log=lambda *_: None)
     # corrupt the array data of the latest checkpoint
     ckpt = os.path.join(wd, "checkpoints")
     latest = max(int(s) for s in os.listdir(ckpt) if s.isdigit())

@@ -29,6 +29,7 @@ def configs_dir() -> str:
     return os.path.dirname(os.path.abspath(configs.__file__))
 
 
-def train_config_file(kernel_size: int) -> str:
-    """`configs/train.py:<k>`, as `--config` takes it."""
-    return f"{os.path.join(configs_dir(), 'train.py')}:{kernel_size}"
+def config_file(stage: str, kernel_size: int | None = None) -> str:
+    """`configs/<stage>.py[:<k>]`, as `--config` takes it."""
+    path = os.path.join(configs_dir(), f"{stage}.py")
+    return path if kernel_size is None else f"{path}:{kernel_size}"

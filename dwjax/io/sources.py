@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from dwjax.errors import UserError
-from dwjax.io import weight_files
+from dwjax.io import paths, shards, weight_files
 from dwjax.io.extract import DepthwiseLayer, layers_from_module, layers_from_state, regular_sample
 from dwjax.io.shards import sha256_file, slugify
 
@@ -272,3 +272,15 @@ def origin_file(origin: dict) -> str | None:
     if origin.get("kind") in ("checkpoint", "timm+checkpoint") and path and os.path.exists(path):
         return path
     return None
+
+
+def data_dir_or_default(data_dir: str | None, log: Callable[[str], None] = print) -> str:
+    """`data_dir`, or the embedded default's shards (converted first if they are missing)."""
+    if data_dir is not None:
+        return data_dir
+    data_dir = paths.default_data_dir()
+    if not shards.has_manifest(data_dir):
+        log(f"no kernel shards in {data_dir}: converting the embedded default first")
+        shards.add_sources(data_dir, embedded_sources(), log=log,
+                           regular_sample=shards.DEFAULT_REGULAR_SAMPLE)
+    return data_dir

@@ -1,5 +1,5 @@
-"""The run directory: the one owner of every path in it, of `config.json`, and of restoring the
-trained model for inference (the last in dwjax.model.trained). Every stage asks here; none spells a run-directory path itself.
+"""The run directory: the one owner of every path in it and of `config.json` (dwjax.model.restore
+loads the trained model from it). Every stage asks here; none spells a run-directory path itself.
 
     <workdir>/config.json             {"architecture": {kernel_size, hidden, negative_slope},
                                        "config": the train config}
