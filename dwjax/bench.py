@@ -1,10 +1,13 @@
-"""Benchmarks: `python -m dwjax.bench [--parts=convert,train,assign] [--quick] [--json=PATH]`
+"""Benchmarks: `python -m dwjax.bench [--parts=convert,train,assign] [--quick] [--json=PATH]
+[--benchmarks_md=BENCHMARKS.md]`
 
-Runs the convert, train and assign benchmarks (dwjax.perf.convert_speed, bench_train, bench_assign)
-and prints one table: every ratio measured in this run (ours vs the plain PyTorch/numpy way, vs
-this machine's fp32 GEMM peak), the device kind and count and the load average; on a GPU or TPU
-the absolute times too. The table is also written as JSON: the machine, then one entry per
-benchmark with its rows and figures. Parts needing torch say so instead of failing without it.
+Runs the convert, train and assign benchmarks (dwjax.perf.convert_speed, train_speed,
+assign_speed) and prints one table (dwjax.perf.results): every ratio measured in this run (ours vs
+the plain PyTorch/numpy way, vs this machine's fp32 GEMM peak), the device kind and count and the
+load average; on a GPU or TPU the absolute times too. The table is also written as JSON: the
+machine, then one entry per benchmark with its rows and figures. Parts needing torch say so instead
+of failing without it. `--benchmarks_md` rewrites the latest-run section of BENCHMARKS.md from this
+run, keeping its history.
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ from dwjax.errors import ConfigError
 from dwjax.io import atomic, paths
 from dwjax.perf import assign_speed, convert_speed, train_speed
 from dwjax.perf import machine as machine_lib
+from dwjax.perf import results
 
 PARTS = ("convert", "train", "assign")
-# (full, --quick) sizes: --quick finishes in a few minutes on a 2-core CPU.
+# (full, --quick) sizes: --quick is a smaller convert model, fewer epochs and kernels.
 SIZES = {
     "convert_model": ("convnextv2_huge", "convnextv2_nano"),
     "convert_repeats": (2, 1),
@@ -35,9 +39,18 @@ SIZES = {
 }
 
 
+def command_line(parts: Sequence[str], quick: bool, sizes: dict) -> str:
+    """The command that reruns these parts and sizes (sizes given explicitly, in `SIZES` order)."""
+    args = [] if list(parts) == list(PARTS) else [f"--parts={','.join(parts)}"]
+    args += ["--quick"] if quick else []
+    args += [f"--{k}={sizes[k]}" for k in SIZES if sizes.get(k) is not None]
+    return " ".join(["python -m dwjax.bench", *args])
+
+
 def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str | None = None,
               log: Callable[[str], None] = print, **sizes) -> dict:
-    """Runs `parts`; returns (and writes to `json_path`) `{"machine", "benchmarks", ...}`.
+    """Runs `parts`; returns (and writes to `json_path`) `{"machine", "benchmarks", ...}`, with
+    the date and the command that reruns it.
 
     `sizes` overrides `SIZES` (None keeps the full or --quick default)."""
     unknown = [p for p in parts if p not in PARTS]
@@ -65,50 +78,14 @@ def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str 
         else:
             entries.append(assign_speed.run(s["assign_n"], s["assign_small_n"], s["naive_n"],
                                             n_5x5=s["assign_5x5_n"], log=log))
-    result = {"format": "dwjax-bench/1", "quick": quick, "sizes": s, "machine": machine,
-              "load_average_end": machine_lib.load_average(),
+    result = {"format": "dwjax-bench/1", "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "command": command_line(parts, quick, sizes), "quick": quick, "sizes": s,
+              "machine": machine, "load_average_end": machine_lib.load_average(),
               "seconds": time.perf_counter() - t0, "benchmarks": entries}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         atomic.write_json(json_path, result)
     return result
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-
-def table(result: dict) -> str:
-    """The one table: a line per ratio ([unit] after the measure), then the machine and the load
-    averages; at most 100 columns."""
-    m = result["machine"]
-    lines = [f"{'part':<9}{'measure [unit]':<47}{'ours':>11}{'reference':>11}{'ratio':>8}  target"]
-    for e in result["benchmarks"]:
-        if e["skipped"]:
-            lines.append(f"{e['benchmark']:<9}{e['skipped']}")
-        for r in e["rows"]:
-            ratio = "-" if r["ratio"] is None else (
-                f"{r['ratio']:.0%}" if r.get("percent") else f"{r['ratio']:.2f}x")
-            what = f"{r['what']} [{r['unit']}]"
-            lines.append(f"{e['benchmark']:<9}{what:<47}{_fmt(r['ours']):>11}"
-                         f"{_fmt(r['reference']):>11}{ratio:>8}  {r['target']}".rstrip())
-    sizes = result.get("sizes", {})
-    if any(e["benchmark"] == "convert" and not e["skipped"] for e in result["benchmarks"]):
-        lines.append(f"convert model: {sizes.get('convert_model')}")
-    lines.append(f"device: {m['device_count']} x {m['device_kind']} ({m['backend']}); "
-                 f"{m['cpus']} CPUs ({m['cpu']})")
-    lines.append(f"jax {m['jax']}, numpy {m['numpy']}, torch {m['torch'] or 'not installed'}")
-    lines.append(f"load average (1, 5, 15 min): {m['load_average']} at start, "
-                 f"{result['load_average_end']} at end")
-    lines.append(f"{result['seconds']:.0f} s in all" + (" (--quick sizes)" if result["quick"]
-                                                       else ""))
-    if m["backend"] != "cpu":
-        for e in result["benchmarks"]:
-            for name, sec in e.get("seconds", {}).items():
-                lines.append(f"time  {e['benchmark']:<8}{name:<24}{sec:>10.3f} s")
-    return "\n".join(lines)
 
 
 FLAGS = flags.FLAGS
@@ -119,6 +96,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("quick", False, "Smaller sizes (a smaller convert model, fewer kernels).")
     flags.DEFINE_string("json", None, "Where to write the table as JSON (default "
                         "$DWJAX_HOME/bench.json).")
+    flags.DEFINE_string("benchmarks_md", None, "A BENCHMARKS.md whose latest-run section (between "
+                        "its two marker comments) this run rewrites; the rest of it is kept.")
     flags.DEFINE_string("convert_model", None, "timm model saved as the convert benchmark's "
                         f"checkpoint (default {SIZES['convert_model'][0]}; --quick "
                         f"{SIZES['convert_model'][1]}).")
@@ -144,9 +123,15 @@ def main(argv):
             if isinstance(v, int) and v < (0 if k in ("train_synthetic", "assign_5x5_n") else 1):
                 raise ConfigError(f"--{k} {v}: must be at least 1")
         json_path = FLAGS.json or os.path.join(paths.home(), "bench.json")
+        if FLAGS.benchmarks_md:  # a file without markers fails now, not after the run
+            results.check_benchmarks_md(FLAGS.benchmarks_md)
         result = run_bench(FLAGS.parts, FLAGS.quick, json_path, **sizes)
-    print("\n" + table(result))
+        if FLAGS.benchmarks_md:
+            results.write_benchmarks_md(FLAGS.benchmarks_md, result)
+    print("\n" + results.table(result))
     print(f"\nJSON: {json_path}")
+    if FLAGS.benchmarks_md:
+        print(f"latest run written to {FLAGS.benchmarks_md}")
 
 
 if __name__ == "__main__":

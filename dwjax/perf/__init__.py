@@ -1,1 +1,2 @@
-"""The benchmarks behind `python -m dwjax.bench` and the PyTorch yardstick."""
+"""The benchmarks behind `python -m dwjax.bench`, their table and BENCHMARKS.md section, and the
+PyTorch yardstick."""
