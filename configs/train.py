@@ -6,10 +6,9 @@ overridable: `--config.num_epochs=100 --config.batch_size=1024
 """
 import ml_collections
 
-# Per-size choices; sizes not listed use the 7×7 row. On the embedded default (23,854 live 5×5
-# kernels) 200 epochs of batch 256 take ~22 s on 2 CPU cores and reach a mean dissimilarity of 0.174
-# (60 epochs: 0.200, still falling); on a million kernels fewer epochs suffice
-# (--config.num_epochs).
+# Per-size choices; sizes not listed use the 7×7 row. The epochs are sized for the embedded default
+# (tens of thousands of kernels); on a million kernels fewer epochs suffice (--config.num_epochs).
+# Time and loss of the defaults: BENCHMARKS.md.
 _PER_SIZE = {
     3: dict(num_epochs=100, learning_rate=3e-3),
     5: dict(num_epochs=200, learning_rate=3e-3),
