@@ -4,6 +4,8 @@ the same assignments (TPU/GPU would otherwise run DEFAULT-precision dots as bf16
 `assert_highest_precision(text)` checks a lowered program's text and is meant for reuse: e.g. the
 train step, `assert_highest_precision(jax.jit(step).lower(*args).as_text())`.
 """
+import glob
+import os
 import re
 
 import jax
@@ -94,3 +96,15 @@ def test_train_step_dots_are_highest():
     text = steps.lower(params, tx.init(params), kernels).as_text()
     n = assert_highest_precision(text, min_dots=10)  # 10 layers forward alone
     assert n >= 20  # and their gradients
+
+
+def test_precision_is_defined_once():
+    """preprocess.PRECISION is the one definition: no other module of dwjax spells HIGHEST."""
+    assert preprocess.PRECISION == jax.lax.Precision.HIGHEST
+    package = os.path.dirname(os.path.dirname(os.path.abspath(preprocess.__file__)))
+    spelled = []
+    for path in glob.glob(os.path.join(package, "**", "*.py"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            code = [line.split("#")[0] for line in f]
+        spelled += [os.path.relpath(path, package) for line in code if "Precision.HIGHEST" in line]
+    assert spelled == [os.path.join("model", "preprocess.py")]

@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 from flax import nnx
 
-from dwjax.model import decoder
+from dwjax.model import decoder, preprocess
 
 
 class Autoencoder(nnx.Module):
@@ -29,7 +29,7 @@ class Autoencoder(nnx.Module):
         self.negative_slope = negative_slope
 
         def dense(a: int, b: int) -> nnx.Linear:
-            return nnx.Linear(a, b, precision=decoder.PRECISION, rngs=rngs)
+            return nnx.Linear(a, b, precision=preprocess.PRECISION, rngs=rngs)
 
         self.encoder = nnx.List([dense(a, b) for a, b in zip(widths[:-1], widths[1:])])
         self.to_code = dense(widths[-1], 1)

@@ -1,11 +1,12 @@
 """The autoencoder's decoder as a function of its parameters, without flax.
 
-One forward pass (`decode_layers`) serves the nnx model in training (`model.Autoencoder.decode`,
-jax, float32 at HIGHEST precision) and inference from saved parameters (`decode_codes`: spectrum,
-labels, assign) in numpy float64, rounded once to float32: no compile, no flax import (most of a
-short `assign`'s start-up and exit), and the same reconstructions whatever accelerator a job runs
-on. Saved parameters are pure dicts laid out as `nnx.to_pure_dict` lays out the model
-(`param_template`; `model.npz` and the orbax `params` item hold them).
+One forward pass (`decode_layers`) serves the nnx model in training
+(`autoencoder.Autoencoder.decode`, jax, float32 at preprocess.PRECISION) and inference from saved
+parameters (`decode_codes`: spectrum, labels, assign) in numpy float64, rounded once to float32: no
+compile, no flax import (most of a short `assign`'s start-up and exit), and the same
+reconstructions whatever accelerator a job runs on. Saved parameters are pure dicts laid out as
+`nnx.to_pure_dict` lays out the model (`param_template`; `model.npz` and the orbax `params` item
+hold them).
 """
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Full float32 matmuls on every backend: TPUs default to bfloat16 passes and recent GPUs to TF32,
-# which would move kernels across the clustering threshold and break cross-backend equality.
-PRECISION = jax.lax.Precision.HIGHEST
+from dwjax.model import preprocess
 
 
 def dense(x, kernel, bias, xp=jnp):
@@ -25,7 +24,7 @@ def dense(x, kernel, bias, xp=jnp):
     does), in numpy at the arrays' own."""
     if xp is np:
         return x @ kernel + bias
-    return jnp.dot(x, kernel, precision=PRECISION) + bias
+    return jnp.dot(x, kernel, precision=preprocess.PRECISION) + bias
 
 
 def decode_layers(layers: Sequence[tuple], codes, negative_slope: float, xp=jnp):
@@ -45,7 +44,7 @@ def decode_layers(layers: Sequence[tuple], codes, negative_slope: float, xp=jnp)
 def param_template(kernel_size: int, hidden: Sequence[int]) -> dict:
     """The model's pure-dict parameters as `jax.ShapeDtypeStruct` leaves (a restore target):
     `{"encoder": {i: {"kernel", "bias"}}, "to_code", "from_code", "decoder": {i: …}}`, the layout
-    of `nnx.to_pure_dict` for `model.Autoencoder` (tested equal)."""
+    of `nnx.to_pure_dict` for `autoencoder.Autoencoder` (tested equal)."""
     widths = [kernel_size * kernel_size - 1, *[int(h) for h in hidden]]
 
     def linear(a: int, b: int) -> dict:

@@ -22,9 +22,10 @@ DEAD_RELATIVE_NORM = 1e-5
 # (squares underflow near 1e-19), so a ~1e-20 kernel would otherwise be "live" with an arbitrary
 # code; real kernels are many orders of magnitude larger (pruned channels are exact zeros).
 DEAD_ABSOLUTE_MAX = 1e-12
-# Every dot product in float32 at full precision: TPU/GPU would otherwise run them as bf16 passes
-# and assign kernels differently from CPU.
-_HIGHEST = lax.Precision.HIGHEST
+# The precision of every jax dot product in dwjax (embedding, training, search, k-means): full
+# float32. On TPU float32 matmuls default to bfloat16 passes (recent GPUs: TF32), and results must
+# match across backends: the same kernels embedded, trained on and assigned alike everywhere.
+PRECISION = lax.Precision.HIGHEST
 
 
 def valid_mask(kernels: np.ndarray) -> np.ndarray:
@@ -87,12 +88,12 @@ def embed(kernels, basis=None):
     """`[N, k, k]` → `[N, k*k-1]` unit coordinates in the hyperplane basis (jit-able)."""
     k = int(round(np.sqrt(np.prod(kernels.shape[1:]))))
     basis = hyperplane_basis(k) if basis is None else basis
-    return jnp.matmul(centre_and_normalise(kernels), basis, precision=_HIGHEST)
+    return jnp.matmul(centre_and_normalise(kernels), basis, precision=PRECISION)
 
 
 def unembed(coords, kernel_size: int):
     """`[N, k*k-1]` coordinates → `[N, k, k]` pixel-space kernels (centred; unit if coords are)."""
-    pixels = jnp.matmul(coords, hyperplane_basis(kernel_size).T, precision=_HIGHEST)
+    pixels = jnp.matmul(coords, hyperplane_basis(kernel_size).T, precision=PRECISION)
     return jnp.reshape(pixels, (-1, kernel_size, kernel_size))
 
 

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dwjax.model import preprocess
+
 # Tie tolerance (see dwjax/search/nearest.py's docstring).
 TIE_TOL = 2.0 ** -22
 # pruned: rows per bounded sub-tile; kernels per block; tiles per window GEMM of a block (and of
@@ -20,15 +22,14 @@ BLOCK = 64
 WINDOW_TILES = 4
 REFINE_WINDOW_TILES = 2
 FAR_SIM = 0.7
-_HIGHEST = lax.Precision.HIGHEST
 _U = 2.0 ** -24  # float32 unit roundoff
 # pruned: kernels whose squared norm is further than this from 1 (dead, tiny, NaN) are not pruned.
 _NORM_TOL = 2.0 ** -16
 
 
 def _dot_t(a, b):
-    """`a [n, d]`, `b [k, d]` → `a @ bᵀ [n, k]`, float32 at HIGHEST precision."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST)
+    """`a [n, d]`, `b [k, d]` → `a @ bᵀ [n, k]`, float32 at preprocess.PRECISION."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=preprocess.PRECISION)
 
 
 def tiles(recon, tile_m: int) -> np.ndarray:

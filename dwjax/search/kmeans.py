@@ -22,8 +22,6 @@ from jax import lax
 from dwjax.model import preprocess
 
 DEFAULT_CHUNK = 65536
-# Every dot product in float32 at full precision (TPU/GPU would otherwise use bf16 passes).
-_HIGHEST = lax.Precision.HIGHEST
 
 
 def minmax_encode(kernels) -> np.ndarray:
@@ -77,8 +75,8 @@ def _lloyd_stats(xb, wb, centroids):
         d2 = _sq_dist(x, centroids)
         a = jnp.argmin(d2, axis=1)
         onehot = jax.nn.one_hot(a, k, dtype=x.dtype) * w[:, None]
-        return (sums + jnp.matmul(onehot.T, x, precision=_HIGHEST), counts + onehot.sum(0),
-                inertia + jnp.sum(jnp.min(d2, axis=1) * w)), None
+        sums = sums + jnp.matmul(onehot.T, x, precision=preprocess.PRECISION)
+        return (sums, counts + onehot.sum(0), inertia + jnp.sum(jnp.min(d2, axis=1) * w)), None
 
     init = (jnp.zeros((k, d), xb.dtype), jnp.zeros((k,), xb.dtype), jnp.zeros((), xb.dtype))
     return lax.scan(body, init, (xb, wb))[0]
