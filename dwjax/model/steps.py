@@ -103,9 +103,9 @@ def make_train_steps(graphdef, tx, mesh):
     """`(params, opt_state, kernels [S, B, k, k]) → (params, opt_state, losses [S])`: S optimizer
     steps in one jitted call (a `lax.scan`), each on one global batch sharded along B.
 
-    The network is tiny (~100 k parameters), so one step is ~1 ms of math; a call per step would
-    spend as long again in dispatch and host-to-device copies. Scanning S steps per call amortises
-    both and computes exactly the same sequence of updates.
+    The network is tiny (~100 k parameters), so a step is little math, and a call per step would
+    spend about as long again in dispatch and host-to-device copies. Scanning S steps per call
+    amortises both and computes exactly the same sequence of updates.
     """
     rep, steps = mesh_lib.replicated(mesh), mesh_lib.steps_sharded(mesh)
 

@@ -142,8 +142,8 @@ def _window_loop(xb, need, r_tiles, window: int):
       `(best [B], row [B] int32)`: S over the visited rows and the lowest row with similarity
       ≥ S − TIE_TOL. Windows go highest first and never revisit a tile, so the held row is always
       the lowest qualifying one seen (the argument of `_tile_loop`). Per window: per-tile maxima
-      (one pass), the first qualifying tile, then the first qualifying row of that tile only (a
-      second pass over the whole window cost ~15% more).
+      (one pass), the first qualifying tile, then the first qualifying row of that tile only
+      (cheaper than a second pass over the whole window).
     """
     c, d = xb.shape
     n_tiles, tile_m, _ = r_tiles.shape
@@ -175,8 +175,8 @@ def _window_loop(xb, need, r_tiles, window: int):
 
 
 def _sort_order(key, n_keys: int):
-    """Stable ascending order of int32 `key [C]` (values < n_keys). Sorting key·C + position as one
-    int32 array measured ~10× faster on XLA:CPU than a stable argsort."""
+    """Stable ascending order of int32 `key [C]` (values < n_keys): key·C + position sorted as one
+    int32 array, since a stable argsort is much slower on XLA:CPU."""
     c = key.shape[0]
     if n_keys * c < 2 ** 31:
         return jnp.sort(key * c + lax.iota(jnp.int32, c)) % c
@@ -219,11 +219,11 @@ def nearest_block(x, r_tiles, m: int, unroll: int = 1):
 
     Args:
       x: `[C, d]` float32 unit (or zero) rows.
-      r_tiles: `[T, tile_m, d]` float32 unit rows (from `_tiles`).
+      r_tiles: `[T, tile_m, d]` float32 unit rows (from `tiles`).
       m: the number of real reconstructions (the rest of the last tile is padding).
       unroll: fori_loop unroll of the tile loop.
     Returns:
-      `(idx [C] int32, best [C] float32)`: index of the max cosine (tie rule in the module
+      `(idx [C] int32, best [C] float32)`: index of the max cosine (tie rule in nearest.py's
       docstring) and the max cosine.
     """
     best, tile = _tile_loop(x, r_tiles, unroll)
@@ -253,7 +253,7 @@ class PrunedTables(NamedTuple):
 
 
 def pruned_tables(r_tiles: np.ndarray) -> PrunedTables:
-    """Sub-tile caps of `r_tiles [T, tile_m, d]` (float32, from `_tiles`), in float64 on the host.
+    """Sub-tile caps of `r_tiles [T, tile_m, d]` (float32, from `tiles`), in float64 on the host.
 
     The bound. For a kernel x (float32, |‖x‖² − 1| ≤ _NORM_TOL, so |‖x‖ − 1| ≤ ε_x = _NORM_TOL)
     and a sub-tile with unit centre c (float32, ‖c‖ within ε_c of 1) whose rows r (float32,
@@ -328,7 +328,7 @@ def pruned_search(x, r_tiles, tables: PrunedTables, window: int = WINDOW_TILES):
     n_tiles, tile_m, _ = r_tiles.shape
     ratio = tile_m // _sub_rows(tile_m)
     # One pass for both: the low mantissa bits of each similarity replaced by (mask − column),
-    # then a float max (an int32 max measured 4× slower on XLA:CPU). For a positive maximum the
+    # then a float max (an int32 max is much slower on XLA:CPU). For a positive maximum the
     # packed max with its low bits cleared is ≤ the float32 similarity of a real row: a valid
     # lower bound; a negative one leaves the kernel unserved (thr < 0) anyway.
     p = _dot_t(x, tables.reps)

@@ -7,28 +7,27 @@ paper) and raw kernels `[N, k, k]`, find for each kernel
 
 where `embed` is preprocess.embed (centre, normalise, hyperplane basis), so `dis` is the
 mean-centred cosine dissimilarity of the pixel kernels. Two methods give the same answer
-(`method=`; `choose_method` picks one per backend, M and curve shape; launch/bench_assign.py
-measures them).
+(`method=`; `choose_method` picks one per backend, M and curve shape). Their device programs are in
+dwjax/search/device_programs.py; `python -m dwjax.bench` times them (dwjax/perf/assign_speed.py).
 
 Tie rule (both): the lowest index whose float32 similarity is ≥ S − TIE_TOL, S the largest one
 (TIE_TOL = 2⁻²², ~2 float32 ulps at 1.0). It does not depend on how M is tiled; below float32
 rounding "the" argmax is not defined anyway.
 
-**brute** (measured on a 2-core AVX-512 CPU):
-  * XLA:CPU fuses `max(X @ Rᵀ, axis=1)` into one YNNPACK kernel that never writes the `[C, M]`
-    similarity matrix and runs at ~GEMM speed. `argmax` (a variadic reduce) does not fuse: it
-    materialises the matrix and runs ~10× slower. So M is cut into tiles of `tile_m` rows and a
-    `fori_loop` runs one fused dot+max per tile. tile_m = 64 measured best on CPU (16: per-step
-    overhead, −16%; ≥128: −10% or worse, slower microkernel).
+**brute**:
+  * XLA:CPU fuses `max(X @ Rᵀ, axis=1)` into one kernel that never writes the `[C, M]` similarity
+    matrix; `argmax` (a variadic reduce) does not fuse: it materialises the matrix and is much
+    slower. So M is cut into tiles of `tile_m` rows and a `fori_loop` runs one fused dot+max per
+    tile (`TILE_M`: small tiles pay per-step overhead, large ones get a slower microkernel).
   * The loop visits tiles last to first, keeping (S, first tile with maximum ≥ S − TIE_TOL): a tile
     within TIE_TOL of the running maximum replaces the held one, and one that raises the maximum
     qualifies itself and lies lower, so the held tile is always the lowest qualifying: O(1) state.
   * Refinement: kernels sorted by winning tile, then per block of BLOCK kernels one GEMM per window
     of a few tiles covering the block's tiles (one or two), first row ≥ S − TIE_TOL. A per-kernel
-    gather of its tile (a batched matrix-vector product) was slower and rounds differently.
+    gather of its tile (a batched matrix-vector product) would be slower and round differently.
 
 **pruned** (exact; for rows along a smooth curve, as a decoder's codes are): a sub-tile of `SUB_M`
-consecutive rows lies in a small spherical cap (unit centre c, angular radius ρ, measured on the
+consecutive rows lies in a small spherical cap (unit centre c, angular radius ρ, computed on the
 host in float64), and for a unit x at angle θ from c every row r of the cap has
 x·r ≤ cos(max(0, θ − ρ)). Each kernel gets a lower bound lb on S (its similarity to one real row per
 tile); a sub-tile whose bound, widened by every float32 rounding term (`pruned_tables`), is below
@@ -53,15 +52,15 @@ axis (shard_map: every device runs on its rows, reconstructions replicated); two
 flight so host reads, and whatever the caller does with a chunk (`Searcher.stream`), overlap
 compute. Memory is O(chunk_size·(k² + M/tile_m) + M·d), flat in N, plus the two O(N) outputs
 (8 bytes per kernel) of `nearest_codes`; `Searcher.stream` yields chunks instead. Every dot
-product is float32 at HIGHEST precision, so a TPU/GPU does not silently use bf16 passes. bfloat16
-was tried on CPU: the fused dot+max is no faster.
+product is float32 at HIGHEST precision (preprocess.PRECISION); bfloat16 does not make the CPU's
+fused dot+max any faster.
 
 Dead kernels are screened in the jit with a float32 norm ratio; only rows near the threshold go
 through preprocess.valid_mask (float64, host), so the verdict is exactly valid_mask's without a
-float64 pass over every kernel (that pass cost ~10% of wall time). Dead kernels (valid_mask False:
-constant or all-zero) get `idx = −1` and `dis = 1.0` (what a zero vector's cosine gives: orthogonal
-to everything) — never NaN, per preprocess's convention; callers filter on `idx >= 0`. `dis` is
-clipped to [0, 2] (float32 rounding can make 1 − cos slightly negative for an exact match).
+float64 host pass over every kernel. Dead kernels (valid_mask False: constant or all-zero) get
+`idx = −1` and `dis = 1.0` (what a zero vector's cosine gives: orthogonal to everything) — never
+NaN, per preprocess's convention; callers filter on `idx >= 0`. `dis` is clipped to [0, 2]
+(float32 rounding can make 1 − cos slightly negative for an exact match).
 """
 from __future__ import annotations
 
@@ -78,11 +77,12 @@ from jax.sharding import PartitionSpec as P
 from dwjax.io import shards
 from dwjax.model import mesh as mesh_lib
 from dwjax.model import preprocess
-from dwjax.search.device_programs import TIE_TOL, nearest_block, pruned_search, pruned_tables, tiles  # noqa: F401  (TIE_TOL, nearest_block: part of the API)
+from dwjax.search.device_programs import (  # TIE_TOL: part of this module's API
+    TIE_TOL, nearest_block, pruned_search, pruned_tables, tiles)  # noqa: F401
 
 DEFAULT_CHUNK = 32768
-# Rows per tile, per backend: 64 measured best on CPU (see the module docstring); 128 is the
-# TPU MXU / GPU tensor-core width (not measured: no accelerator was available).
+# Rows per tile, per backend: on CPU the best of the sizes tried (`python -m dwjax.bench`); 128 is
+# the TPU MXU / GPU tensor-core width, not yet tried on an accelerator.
 TILE_M = {"cpu": 64, "gpu": 128, "tpu": 128}
 DEFAULT_TILE_M = TILE_M["cpu"]
 # fori_loop unroll of the brute-force tile loop: fewer loop-carried selects between fused calls.
@@ -90,8 +90,8 @@ UNROLL = 4
 DEAD_DISSIMILARITY = 1.0
 METHODS = ("auto", "brute", "pruned")
 # auto: pruned only on CPU, from this many reconstructions up, and only if they form a smooth
-# curve: median sub-tile cap radius below this (radians). Measured on a curve of DoG-family
-# templates: pruned/brute break even near M = 5,000 (radius 0.054).
+# curve: median sub-tile cap radius below this (radians). Both keep a margin on brute force's side
+# of where the two break even on a curve of DoG-family templates (BENCHMARKS.md).
 PRUNED_MIN_M = 6000
 PRUNED_MAX_RADIUS = 0.04
 # Rows per device of one compiled call: with ≥ 2 rows XLA:CPU runs every GEMM through its blocked
@@ -138,8 +138,8 @@ def _valid(ratio: np.ndarray, host: np.ndarray) -> np.ndarray:
     """preprocess.valid_mask's exact verdict, cheaply: the float32 ratio decides every row more
     than 2× away from the threshold (its float32 error is a few % of the threshold at most: a mean
     that is off by a few ulps of |mean|); the float64 host function decides the rest. Running
-    valid_mask on every row instead costs ~10% of wall time at 1M kernels (host work competes for
-    the cores)."""
+    valid_mask on every row instead would be a float64 host pass over every kernel, competing with
+    the search for the cores."""
     t = preprocess.DEAD_RELATIVE_NORM
     valid = ratio > 2 * t
     border = (ratio > 0.5 * t) & ~valid
@@ -185,11 +185,11 @@ def _chunk_rows(n: int, chunk_size: int, n_dev: int) -> int:
 
 def choose_method(backend: str, n: int, m: int, radius: float | None = None) -> str:
     """"brute" or "pruned" for N kernels against M reconstructions on `backend` ("cpu", "gpu",
-    "tpu"), measured with launch/bench_assign.py:
+    "tpu"), from timing both with `python -m dwjax.bench`:
 
       * GPU/TPU: brute force. Its fused GEMM is what accelerators are built for, and the pruned
         search's sequential per-block loop of small GEMMs would leave most of the chip idle (not
-        measured: no accelerator was available; rerun the benchmark there to revisit).
+        yet timed on an accelerator; rerun the benchmark there to revisit).
       * CPU, M < PRUNED_MIN_M: brute force (few tiles: the bound pass and the block loop cost as
         much as they save).
       * CPU, `radius` (the median sub-tile cap radius, `PrunedTables.radius`) ≥ PRUNED_MAX_RADIUS:

@@ -35,7 +35,7 @@ def _table(path: str, max_rows: int) -> str:
 
 def write_page(out_dir: str, title: str, settings: dict, entries: Sequence,
                max_rows: int = 300) -> str:
-    """Writes `<out_dir>/index.html` from `entries` (report_parts.Entry); returns its path."""
+    """Writes `<out_dir>/index.html` from `entries` (sections.Entry); returns its path."""
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}"
              f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
              "<h2>Settings</h2><table>",

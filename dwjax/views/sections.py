@@ -1,7 +1,7 @@
 """The report's parts (library module): each reads what it needs from a run's assignments (and the
 shards, when they are still there) and writes its CSV and figures under `<workdir>/report/`.
 
-Every part returns a list of `Entry`: what the page (`report_page`) shows, with a caption naming
+Every part returns a list of `Entry`: what the page (`page.write_page`) shows, with a caption naming
 the paper's counterpart and how the numbers were computed.
 """
 from __future__ import annotations
