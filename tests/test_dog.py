@@ -121,3 +121,21 @@ def test_core_rejects_bad_arguments_before_writing(tmp_path, kwargs):
         dog.draw_dog_family(out, **{"kernel_size": 5, **kwargs})
     assert not os.path.exists(out)
     assert issubclass(dog.DogError, UserError)
+
+
+_KEEPS_BACKEND = """
+import matplotlib
+matplotlib.use("svg")
+import dwjax.dog, dwjax.views.charts, dwjax.views.dog_plates, dwjax.views.plotting
+print(matplotlib.get_backend())
+"""
+
+
+def test_library_modules_keep_the_callers_matplotlib_backend():
+    """Only a stage's `cli.setup` picks Agg; importing the figure modules (as a notebook does)
+    leaves the backend the caller chose."""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    p = subprocess.run([sys.executable, "-c", _KEEPS_BACKEND], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().lower() == "svg"

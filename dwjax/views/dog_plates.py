@@ -1,29 +1,27 @@
 """The DoG-family figures: paper Fig. 1 / Figs. 12–13 (DoG and its derivatives, On and Off) and
 Fig. 15 (crosses as sums of orthogonal Gaussians), as k×k kernels and as 3-D surfaces.
 
-Every value drawn comes from `dwjax.patterns.templates` (the kernels from `templates.dog`, `dog_dx`,
-…,
-`cross`; the smooth surfaces from `templates.evaluate` on a finer grid), so the figures show exactly
-what the labeller and the DoG initialisation use. Panels are built first (`family_panels`,
-`cross_panels`: plain arrays a caller can record), then drawn (`plot_kernel_grid`, `plot_surfaces`).
+Every value drawn comes from `dwjax.patterns.templates` (the kernels from `templates.dog`,
+`dog_dx`, …, `cross`; the smooth surfaces from `templates.evaluate` on a finer grid), so the
+figures show exactly what the labeller and the DoG initialisation use. Panels are built first
+(`family_panels`, `cross_panels`: plain arrays a caller can record), then drawn
+(`plot_kernel_grid`, `plot_surfaces`).
 
 Colour: a diverging map centred on zero (red > 0, blue < 0), each kernel scaled by its own max |w|;
-pixels are drawn with nearest-neighbour interpolation (no blur). Matplotlib with the Agg backend.
+pixels are drawn with nearest-neighbour interpolation (no blur). The backend is the caller's (see
+dwjax/views/plotting.py).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import colors  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import colors, image
 
 from dwjax.patterns import templates
-from dwjax.views import plotting  # noqa: E402
+from dwjax.views import plotting
 
 CMAP = "RdBu_r"
 FORMATS = ("png", "pdf", "svg")
@@ -94,7 +92,7 @@ def _vmax(*arrays: np.ndarray) -> float:
     return m if m > 0 else 1.0
 
 
-def _draw_kernel(ax, kernel: np.ndarray) -> matplotlib.image.AxesImage:
+def _draw_kernel(ax, kernel: np.ndarray) -> image.AxesImage:
     """``[k, k]`` kernel as pixels, colours centred on 0, vmax = its max |w|; axes in pixels."""
     k = kernel.shape[0]
     vmax = _vmax(kernel)

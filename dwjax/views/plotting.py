@@ -1,21 +1,19 @@
 """Figures shared by the stages: the reconstructed spectrum (paper Figs. 3, 31, 32), kernel
 galleries, one kernel drawn, and `save` (every figure of dwjax is written through it).
 
-matplotlib with the Agg backend (no display). Kernels are drawn in diverging colours centred on
-zero (vmin = −vmax) without interpolation.
+Kernels are drawn in diverging colours centred on zero (vmin = −vmax) without interpolation.
+Library modules never switch the matplotlib backend: a stage gets Agg from `cli.setup`, a notebook
+keeps its own.
 """
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dwjax.io import atomic  # noqa: E402
+from dwjax.io import atomic
 
 DPI = 130
 KERNEL_CMAP = "RdBu_r"  # kernels: diverging, centred on zero
