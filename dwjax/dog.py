@@ -22,7 +22,7 @@ from absl import app, flags
 
 from dwjax import cli
 from dwjax.errors import ConfigError
-from dwjax.io import paths
+from dwjax.io import atomic, paths
 from dwjax.patterns import templates
 from dwjax.views import dog_plates
 
@@ -110,9 +110,7 @@ def draw_dog_family(out_dir: str, kernel_size: int = 7, formats: Sequence[str] =
             record[f"{name}/{p.key}/smooth"] = p.smooth
         log(f"{name} → {os.path.join(out_dir, name)}.{{{','.join(formats)}}}")
     npz = os.path.join(out_dir, "dog_family.npz")
-    tmp = npz + ".tmp.npz"
-    np.savez(tmp, **record)
-    os.replace(tmp, npz)
+    atomic.save_npz(npz, **record)
     written.append(npz)
     return written
 
