@@ -3,9 +3,12 @@ rule of every main (user errors are one line, bugs keep their traceback)."""
 import ast
 import errno
 import glob
+import io
 import os
+import re
 import subprocess
 import sys
+import tokenize
 
 import pytest
 
@@ -204,3 +207,58 @@ def test_a_bug_in_a_stage_keeps_its_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "dwjax.report", f"--workdir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and p.stderr.startswith("report: ")
+
+
+# Comments and docstrings say why, not how fast: a measured timing or rate goes stale with the
+# next machine or jax release (benchmarks: `python -m dwjax.bench`, figures in BENCHMARKS.md).
+# A measurement is a number with a time unit ("~22 s", "1 ms"), a rate per second ("12 GFLOP/s",
+# "3M rows/s") or a speed claim ("~10× faster", "4x slower", "−16%", "~10% of wall time", "costs
+# ~15% more"). Kernel sizes (7×7), shapes ([N, k*k-1]), thresholds and the paper's mixes are not.
+_NUMBER = r"(?<![\w.])~?\d[\d,]*(?:\.\d+)?"
+_MEASURED = re.compile(
+    _NUMBER + r"\s?(?:s|ms|µs|us|ns|min|sec|secs|seconds|minutes?|hours?)(?![\w/])"
+    r"|" + _NUMBER + r"\s?[kKMGT]?\s?[A-Za-z]*/s(?![\w/])"
+    r"|" + _NUMBER + r"\s?[×x]\s?(?:faster|slower|quicker|speed-?up|as fast|the speed)"
+    r"|" + _NUMBER + r"\s?%\s?(?:faster|slower|quicker|speed-?up|of (?:the )?(?:wall|run)[- ]?time)"
+    r"|(?<![\w.])[−+-]\d+(?:\.\d+)?\s?%"
+    r"|\b(?:cost|costs|took|takes|saves|saved)\s+(?:about\s+)?" + _NUMBER + r"\s?(?:%|×|x\b)"
+    r"|\bspeed-?up of " + _NUMBER)
+
+
+def _measured_claims(source: str) -> list[str]:
+    """`"<line>: <match>"` for every measured timing or rate in a module's comments and
+    docstrings."""
+    texts = [(tok.start[0], tok.string)
+             for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+             if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc is not None:
+                texts.append((node.body[0].lineno, doc))
+    return [f"{line + text[:m.start()].count(chr(10))}: {m.group()}"
+            for line, text in texts for m in _MEASURED.finditer(text)]
+
+
+def test_no_comment_or_docstring_carries_a_measured_timing():
+    found = {}
+    for path in sorted(glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)):
+        with open(path, encoding="utf-8") as f:
+            claims = _measured_claims(f.read())
+        if claims:
+            found[os.path.relpath(path, ROOT)] = claims
+    assert not found, f"measured timings in comments or docstrings (say why instead): {found}"
+
+
+def test_the_timing_check_catches_a_planted_measurement():
+    planted = ('"""Fast.\n\nRuns ~10× faster than argsort (~22 s on 2 CPU cores)."""\n'
+               "def f():\n"
+               '    """Per step ~1 ms; 0.23 s per 1M rows, 12.5 GFLOP/s."""\n'
+               "    return 1  # tile_m = 16: −16%; an int32 max measured 4x slower\n")
+    assert sorted(_measured_claims(planted)) == ["3: ~10× faster", "3: ~22 s", "5: 0.23 s",
+                                                 "5: 12.5 GFLOP/s", "5: ~1 ms", "6: 4x slower",
+                                                 "6: −16%"]
+    innocent = ('"""Kernels `[N, k*k-1]` on a 5×5 or 7×7 grid; threshold 0.3 for 7×7."""\n'
+                "MIX = 0.45  # the paper's 45% on-center, 10 % off-center; σ = 0.4 … 0.8 px\n"
+                "TOL = 2.0 ** -22  # ~2 float32 ulps; 1e-5 is ~100× float32 rounding; idx = −1\n")
+    assert _measured_claims(innocent) == []
