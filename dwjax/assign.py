@@ -8,12 +8,13 @@ for 5×5). 3×3 path (paper §5): k-means with 10 clusters on min-max-encoded ke
 (dwjax.search.kmeans); the code is the cluster id and the dissimilarity the distance to its
 centroid.
 
-Output (dwjax.io.assignment_files): one Parquet file of rows per shard, or per row range of a shard
-larger than `--part_size`, written as it streams and renamed into place when complete, so a killed
-job re-run skips finished parts and writes nothing twice; `_meta/settings.json` pins what they were
-made with. Read a whole job with `pd.read_parquet("<workdir>/assignments")`.
-`--num_workers/--worker_index` split a job over independent processes; `--distributed` over the
-hosts of one JAX job.
+Configured by `configs/assign.py` (`--config.<field>=…`). Output (dwjax.io.assignment_files): one
+Parquet file of rows per shard, or per row range of a shard larger than `job.part_size`, written as
+it streams and renamed into place when complete, so a killed job re-run skips finished parts and
+writes nothing twice; `_meta/settings.json` pins the config they were made with. Read a whole job
+with `pyarrow.parquet.read_table("<workdir>/assignments")`. `--config.job.num_workers` and
+`--config.job.worker_index` split a job over independent processes; `--distributed` over the hosts
+of one JAX job.
 """
 from __future__ import annotations
 
@@ -22,15 +23,16 @@ import contextlib
 import hashlib
 import os
 import time
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import jax
+import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from dwjax import cli, runtime
 from dwjax.errors import ConfigError, UserError
-from dwjax.io import assignment_files, atomic, paths, shards
+from dwjax.io import assignment_files, assignment_rows, atomic, paths, shards, sources
 from dwjax.io import workdir as workdir_lib
 from dwjax.model import decoder, preprocess, restore
 from dwjax.model import mesh as mesh_lib
@@ -41,25 +43,8 @@ from dwjax.search import kmeans, nearest
 # Paper §4.2: 0.3 for 7×7, 0.2 for 5×5 ("lower dimensional spaces tend to have closer vectors
 # angularly"). Other sizes: 0.2 below 7, 0.3 from 7 up, until someone measures better.
 PAPER_THRESHOLDS = {5: 0.2, 7: 0.3}
-UNCLUSTERED, DEAD = assignment_files.UNCLUSTERED, assignment_files.DEAD
-DEFAULT_PART_SIZE = 1 << 20
-
-
-class Rows(NamedTuple):
-    """What a classifier gives for n kernels, every column `[n]`, in kernel order."""
-    code: np.ndarray              # float64: the nearest code (k-means: cluster id); NaN if dead
-    dissimilarity: np.ndarray     # float32: to that code's reconstruction; NaN if dead
-    clustered: np.ndarray         # bool
-    label_index: np.ndarray       # int32 into the classifier's label_names
-    total_activation: np.ndarray  # float32: sum of the raw kernel's weights
-    norm: np.ndarray              # float32: L2 norm of the raw kernel
-
-    @staticmethod
-    def concat(parts: list["Rows"]) -> "Rows":
-        if not parts:
-            return Rows(np.empty(0), np.empty(0, np.float32), np.empty(0, bool),
-                        np.empty(0, np.int32), np.empty(0, np.float32), np.empty(0, np.float32))
-        return Rows(*(np.concatenate(cols) for cols in zip(*parts)))
+UNCLUSTERED, DEAD = assignment_rows.UNCLUSTERED, assignment_rows.DEAD
+Rows = assignment_rows.Rows
 
 
 class AssignError(UserError):
@@ -95,6 +80,8 @@ class AutoencoderClassifier:
         # label dictionary: the classes, then the two verdicts that are not a class
         self.label_names = templates.class_names(k) + [UNCLUSTERED, DEAD]
         self.code_label = labels_lib.label_index(self.labels, self.codes).astype(np.int32)
+        self.unclustered = self.label_names.index(UNCLUSTERED)
+        self.dead = self.label_names.index(DEAD)
         self.threshold = threshold
         # This process's devices: each process of a multi-host job searches its own parts. One
         # compiled shape for every call, so no answer depends on how the job was cut into parts.
@@ -104,9 +91,7 @@ class AutoencoderClassifier:
             labels_sha = hashlib.sha256(f.read()).hexdigest()
         # the decoded codes identify the trained decoder (and the number of codes)
         codes_sha = hashlib.sha256(self.recon.tobytes()).hexdigest()
-        self.settings = {"method": "autoencoder", "kernel_size": k, "threshold": threshold,
-                         "num_codes": num_codes, "labels_sha256": labels_sha,
-                         "decoded_codes_sha256": codes_sha}
+        self.digests = {"labels_sha256": labels_sha, "decoded_codes_sha256": codes_sha}
 
     def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
         """Rows `[start, stop)` of `kernels [N, k, k]`, one compiled call's worth at a time; the
@@ -116,8 +101,8 @@ class AutoencoderClassifier:
             live = idx >= 0
             safe = np.maximum(idx, 0)
             clustered = live & (dis < self.threshold)
-            label = np.where(clustered, self.code_label[safe], len(self.label_names) - 2)
-            label[~live] = len(self.label_names) - 1
+            label = np.where(clustered, self.code_label[safe], self.unclustered)
+            label[~live] = self.dead
             yield Rows(np.where(live, self.codes[safe], np.nan), np.where(live, dis, np.nan),
                        clustered, label.astype(np.int32), chunk.raw_sum, chunk.raw_norm)
 
@@ -162,8 +147,7 @@ class KMeansClassifier:
         self.label_names = list(dict.fromkeys(names)) + [DEAD]
         self.cluster_label = np.array([self.label_names.index(n) for n in names], np.int32)
         centroids_sha = hashlib.sha256(np.asarray(self.centroids).tobytes()).hexdigest()
-        self.settings = {"method": "kmeans", "kernel_size": kernel_size, "n_clusters": n_clusters,
-                         "seed": seed, "centroids_sha256": centroids_sha}
+        self.digests = {"centroids_sha256": centroids_sha}
 
     def _names(self, centroids: np.ndarray) -> list[str]:
         k = self.kernel_size
@@ -180,7 +164,7 @@ class KMeansClassifier:
         x = kmeans.minmax_encode(kernels)
         live = preprocess.valid_mask(kernels)
         cluster, dist = kmeans.assign_kmeans(x, self.centroids, self.chunk_size)
-        label = np.where(live, self.cluster_label[cluster], len(self.label_names) - 1)
+        label = np.where(live, self.cluster_label[cluster], self.label_names.index(DEAD))
         total, norm, _ = (np.asarray(v) for v in _raw_statistics(kernels))
         return Rows(np.where(live, cluster, np.nan),
                     np.where(live, dist, np.nan).astype(np.float32), live,
@@ -230,90 +214,91 @@ class _Progress:
                  f"{rate:,.0f} kernels/s, ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
 
 
-def _assign_part(clf, part: assignment_files.Part, writer: assignment_files.PartWriter, block: int,
-                 progress: _Progress) -> None:
+def _assign_part(clf, part: assignment_files.Part, writer: assignment_files.PartWriter,
+                 block: int, progress: _Progress) -> None:
     """Streams one part to its file: rows are gathered into blocks of at least `block` (one
     Parquet row group each) and written while the devices search on; memory depends on the
     block, not on the shard."""
-    with writer:
-        held: list[Rows] = []
-        n_held = 0
-        for rows in clf.stream(part.shard.kernels, part.start, part.stop):
-            held.append(rows)
-            n_held += len(rows.code)
-            progress.update(part, writer.rows + n_held, len(rows.code))
-            if n_held >= block:
-                writer.write(*Rows.concat(held))
-                held, n_held = [], 0
-        if held:
-            writer.write(*Rows.concat(held))
+    held: list[Rows] = []
+    n_held = 0
+    for rows in clf.stream(part.shard.kernels, part.start, part.stop):
+        held.append(rows)
+        n_held += len(rows.code)
+        progress.update(part, writer.rows + n_held, len(rows.code))
+        if n_held >= block:
+            writer.write(Rows.concat(held))
+            held, n_held = [], 0
+    if held:
+        writer.write(Rows.concat(held))
 
 
-def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: str | None = None,
-           threshold: float | None = None, num_codes: int = 10_000,
-           chunk_size: int = nearest.DEFAULT_CHUNK, overwrite: bool = False,
-           fmt: str = "parquet", part_size: int = DEFAULT_PART_SIZE, num_workers: int = 1,
-           worker_index: int = 0, wait_for_workers: Callable[[], None] | None = None,
-           log: Callable[[str], None] = print) -> dict:
-    """Assigns every k×k kernel of `data_dir` (this worker's parts of it); returns the summary
-    (also in assignments/_meta/summary.json), or, while other workers' parts are missing,
-    `{"complete": False, "parts_done", "parts_total"}`.
+def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None, *,
+        log: Callable[[str], None] = print,
+        wait_for_workers: Callable[[], None] | None = None) -> dict:
+    """Assigns every k×k kernel of `data_dir` (default: the embedded default's shards), this
+    worker's parts of it; returns the summary (also in assignments/_meta/summary.json), or, while
+    other workers' parts are missing, `{"complete": False, "parts_done", "parts_total"}`.
 
-    Workers: the shards, cut into parts of at most `part_size` rows, are dealt round-robin; worker
-    `worker_index` of `num_workers` takes every `num_workers`-th part. The summary is written by
-    whichever worker finds every part done (after `wait_for_workers`, when given: a barrier
-    across the processes of one distributed job, after which worker 0 alone writes it).
+    `config` is `configs/assign.py`'s. Workers: the shards, cut into parts of at most
+    `job.part_size` rows, are dealt round-robin; worker `job.worker_index` of `job.num_workers`
+    takes every `num_workers`-th part. The summary is written by whichever worker finds every part
+    done (after `wait_for_workers`, when given: a barrier across the processes of one distributed
+    job, after which worker 0 alone writes it).
     """
-    run = workdir_lib.RunDir(workdir)
-    _check_job(fmt, part_size, num_workers, worker_index, overwrite, chunk_size, num_codes,
-               threshold)
-    k_saved = workdir_lib.saved_kernel_size(run)
-    k = kernel_size or k_saved
+    job = config.job
+    _check_config(config)
+    rundir = workdir_lib.RunDir(workdir)
+    k_saved = workdir_lib.saved_kernel_size(rundir)
+    k = config.kernel_size or k_saved
     if k is None:
         raise AssignError(f"--workdir {workdir}: no training run there; pass --kernel_size "
                           "(3×3 k-means needs none)")
-    if k_saved is not None and kernel_size is not None and k_saved != kernel_size:
-        raise AssignError(f"--kernel_size {kernel_size}: the run in {workdir} was trained on "
-                          f"{k_saved}x{k_saved} kernels")
-    method = method or default_method(k)
+    if k_saved is not None and config.kernel_size is not None and k_saved != config.kernel_size:
+        raise AssignError(f"--kernel_size {config.kernel_size}: the run in {workdir} was trained "
+                          f"on {k_saved}x{k_saved} kernels")
+    method = config.method or default_method(k)
+    data_dir = sources.data_dir_or_default(data_dir, log)
     shard_list = list(shards.iter_shards(data_dir, k))
     if not shard_list:
         raise AssignError(f"--data_dir {data_dir}: no {k}x{k} kernels")
+    settings = {"kernel_size": k, "method": method, "format": config.format}
     if method == "autoencoder":
         if k_saved is None:
             raise AssignError(f"--workdir {workdir}: no trained autoencoder (config.json missing)")
-        thr = default_threshold(k) if threshold is None else float(threshold)
-        clf = AutoencoderClassifier(run, num_codes, thr, chunk_size, log)
-    elif method == "kmeans":
-        if overwrite:  # refit on this data, not the centroids of an earlier job
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(run.kmeans_npz(k))
-        clf = KMeansClassifier(run, data_dir, k, log=log)
+        thr = default_threshold(k) if config.threshold is None else float(config.threshold)
+        settings.update(threshold=thr, num_codes=config.num_codes)
+        clf = AutoencoderClassifier(rundir, config.num_codes, thr, job.chunk_size, log)
     else:
-        raise AssignError(f"--method {method!r}: expected autoencoder or kmeans")
-    out_dir = run.assignments
-    assignment_files.check_settings(out_dir, {**clf.settings, "format": fmt}, overwrite)
+        if job.overwrite:  # refit on this data, not the centroids of an earlier job
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(rundir.kmeans_npz(k))
+        km = config.kmeans
+        settings.update(kmeans=km.to_dict())
+        clf = KMeansClassifier(rundir, data_dir, k, km.n_clusters, km.seed, km.max_fit, log=log)
+    out_dir = rundir.assignments
+    assignment_files.check_settings(out_dir, {**settings, **clf.digests}, job.overwrite)
     atomic.clean_stale(out_dir)  # row files a killed worker left half-written
-    plan = assignment_files.plan_parts(shard_list, part_size)
-    mine = plan[worker_index::num_workers]
-    finished = [assignment_files.is_done(out_dir, p, k, fmt) for p in mine]
+    plan = assignment_files.plan_parts(shard_list, job.part_size)
+    mine = plan[job.worker_index::job.num_workers]
+    finished = [assignment_files.is_done(out_dir, p, k, config.format) for p in mine]
     progress = _Progress(sum(p.stop - p.start for p, f in zip(mine, finished) if not f), log)
-    block = max(1, chunk_size) * 4  # rows per Parquet row group (at least; whole chunks)
+    block = max(1, job.chunk_size) * 4  # rows per Parquet row group (at least; whole chunks)
     for part, already in zip(mine, finished):
         where = "" if part.whole else f" rows [{part.start:,}, {part.stop:,})"
         if already:
             log(f"{part.shard.source}{where}: already assigned, skipped")
             continue
-        writer = assignment_files.PartWriter(out_dir, part, k, fmt, data_dir, clf.label_names)
-        _assign_part(clf, part, writer, block, progress)
+        with assignment_files.open_part(out_dir, part, k, config.format, data_dir,
+                                        clf.label_names) as writer:
+            _assign_part(clf, part, writer, block, progress)
         stats = writer.stats()
         log(f"{part.shard.source}{where}: {stats['clustered']:,}/{stats['kernels']:,} clustered "
             f"({100 * stats['clustered'] / max(1, stats['kernels']):.1f}%)")
     if wait_for_workers is not None:
         wait_for_workers()
-        if worker_index != 0:
+        if job.worker_index != 0:
             return {"complete": False, "parts_done": None, "parts_total": len(plan)}
-    done = sum(assignment_files.is_done(out_dir, p, k, fmt) for p in plan)
+    done = sum(assignment_files.is_done(out_dir, p, k, config.format) for p in plan)
     if done < len(plan):
         log(f"{done} of {len(plan)} parts done; the summary is written once every part is")
         return {"complete": False, "parts_done": done, "parts_total": len(plan)}
@@ -321,26 +306,32 @@ def assign(workdir: str, data_dir: str, kernel_size: int | None = None, method: 
     return {"complete": True, **assignment_files.write_summary(out_dir, k)}
 
 
-def _check_job(fmt: str, part_size: int, num_workers: int, worker_index: int, overwrite: bool,
-               chunk_size: int, num_codes: int, threshold: float | None) -> None:
-    """Refuses flag values that cannot make a job, before anything is read or written."""
-    if fmt not in assignment_files.FORMATS:
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses values that cannot make a job, before anything is read or written."""
+    job = config.job
+    if config.method not in (None, "autoencoder", "kmeans"):
+        raise ConfigError(f"--config.method {config.method!r}: expected autoencoder or kmeans")
+    if config.format not in assignment_files.FORMATS:
         formats = ", ".join(assignment_files.FORMATS)
-        raise ConfigError(f"--format {fmt!r}: expected one of {formats}")
-    if part_size < 1:
-        raise ConfigError(f"--part_size {part_size}: must be at least 1")
-    if num_workers < 1 or not 0 <= worker_index < num_workers:
-        raise ConfigError(f"--worker_index {worker_index}: must be in [0, --num_workers "
-                          f"{num_workers})")
-    if overwrite and num_workers > 1:
-        raise ConfigError("--overwrite: not with several workers (it clears their rows); "
-                          "run it once alone")
-    if num_codes < 2:
-        raise ConfigError(f"--num_codes {num_codes}: need at least 2")
-    if chunk_size < 1:
-        raise ConfigError(f"--chunk_size {chunk_size}: must be at least 1")
-    if threshold is not None and not 0.0 <= threshold <= 2.0:
-        raise ConfigError(f"--threshold {threshold}: a cosine dissimilarity is in [0, 2]")
+        raise ConfigError(f"--config.format {config.format!r}: expected one of {formats}")
+    if config.num_codes < 2:
+        raise ConfigError(f"--config.num_codes {config.num_codes}: need at least 2")
+    if config.threshold is not None and not 0.0 <= config.threshold <= 2.0:
+        raise ConfigError(f"--config.threshold {config.threshold}: a cosine dissimilarity is in "
+                          "[0, 2]")
+    if config.kmeans.n_clusters < 2 or config.kmeans.max_fit < config.kmeans.n_clusters:
+        raise ConfigError(f"--config.kmeans: need n_clusters ≥ 2 and max_fit ≥ n_clusters (got "
+                          f"{config.kmeans.n_clusters}, {config.kmeans.max_fit})")
+    if job.part_size < 1:
+        raise ConfigError(f"--config.job.part_size {job.part_size}: must be at least 1")
+    if job.chunk_size < 1:
+        raise ConfigError(f"--config.job.chunk_size {job.chunk_size}: must be at least 1")
+    if job.num_workers < 1 or not 0 <= job.worker_index < job.num_workers:
+        raise ConfigError(f"--config.job.worker_index {job.worker_index}: must be in [0, "
+                          f"--config.job.num_workers {job.num_workers})")
+    if job.overwrite and job.num_workers > 1:
+        raise ConfigError("--config.job.overwrite: not with several workers (it clears their "
+                          "rows); run it once alone")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -351,22 +342,6 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
     flags.DEFINE_string("data_dir", None,
                         "Kernel shards to assign (default $DWJAX_HOME/data); any converted set.")
-    flags.DEFINE_integer("kernel_size", None,
-                         "k (default: the run's; needed for 3×3 k-means without a run).")
-    flags.DEFINE_enum("method", None, ["autoencoder", "kmeans"],
-                      "Default: kmeans for 3×3, else autoencoder.")
-    flags.DEFINE_float("threshold", None,
-                       "Clustered if dissimilarity < this (default 0.3 for 7×7, 0.2 for 5×5).")
-    flags.DEFINE_integer("num_codes", 10_000, "Evenly spaced codes to decode and compare against.")
-    flags.DEFINE_integer("chunk_size", nearest.DEFAULT_CHUNK,
-                         "Kernels per compiled call (memory is flat in N).")
-    flags.DEFINE_bool("overwrite", False, "Redo assignments made with other settings.")
-    flags.DEFINE_enum("format", "parquet", list(assignment_files.FORMATS), "Row file format.")
-    flags.DEFINE_integer("part_size", DEFAULT_PART_SIZE,
-                         "Rows per part: a larger shard is cut into row ranges, each its own file.")
-    flags.DEFINE_integer("num_workers", 1, "Independent workers sharing this job (SLURM arrays, "
-                         "separate VMs): each takes every num_workers-th part.")
-    flags.DEFINE_integer("worker_index", 0, "This worker's index in [0, num_workers).")
     runtime.define_distributed_flags()
 
 
@@ -374,31 +349,30 @@ def main(argv):
     del argv
     cli.setup()
     runtime.use_every_cpu_core()
-    workdir = FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size or 5)
     with cli.user_errors("assign"):
+        config = cli.stage_config()
+        workdir = FLAGS.workdir or paths.default_workdir(config.kernel_size or 5)
         runtime.init_distributed()
-        workers, index, barrier = FLAGS.num_workers, FLAGS.worker_index, None
+        barrier = None
         if runtime.distributed_requested():
             import jax
             from jax.experimental import multihost_utils
 
-            if workers != 1:
-                raise ConfigError("--num_workers: not with --distributed (every process is a "
-                                  "worker)")
-            workers, index = jax.process_count(), jax.process_index()
+            if config.job.num_workers != 1:
+                raise ConfigError("--config.job.num_workers: not with --distributed (every "
+                                  "process is a worker)")
+            config.job.num_workers, config.job.worker_index = (jax.process_count(),
+                                                               jax.process_index())
             barrier = lambda: multihost_utils.sync_global_devices("dwjax.assign")  # noqa: E731
-        summary = assign(workdir, FLAGS.data_dir or paths.default_data_dir(), FLAGS.kernel_size,
-                         FLAGS.method, FLAGS.threshold, FLAGS.num_codes, FLAGS.chunk_size,
-                         FLAGS.overwrite, FLAGS.format, FLAGS.part_size, workers, index, barrier)
+        summary = run(config, workdir, FLAGS.data_dir, wait_for_workers=barrier)
     rows = workdir_lib.RunDir(workdir).assignments
     if summary["complete"]:
         print(f"{summary['clustered']:,} of {summary['kernels']:,} kernels clustered "
               f"({100 * summary['clustered_fraction']:.1f}%); per-kernel rows in {rows}/")
     else:
-        print(f"worker {index}: its parts are assigned; rows in {rows}/")
+        print(f"worker {config.job.worker_index}: its parts are assigned; rows in {rows}/")
     runtime.skip_final_collection()
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_config_stage("assign", main, define_flags)

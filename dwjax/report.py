@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Sequence
+from typing import Callable
 
-from absl import app, flags
+import ml_collections
+from absl import flags
 
 from dwjax import cli
 from dwjax.errors import RunDirError
@@ -38,22 +39,24 @@ def _settings(run: workdir_lib.RunDir) -> dict:
         return {}
 
 
-def run_report(workdir: str, layers: Sequence[int] = (), compare: Sequence[str] = (),
-               timeline: Sequence[str] = (), formats: Sequence[str] = ("png", "pdf"),
-               seed: int = 0, kernel_size: int | None = None,
-               log: Callable[[str], None] = print) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        log: Callable[[str], None] = print) -> dict:
     """Writes the tables, figures and `index.html`; returns `{"dir", "figures", "tables",
-    "page"}` (figure paths are the PNGs)."""
-    run = workdir_lib.RunDir(workdir)
-    stats = assignment_files.read_stats(run.assignments, kernel_size)
+    "page"}` (figure paths are the PNGs). `config` is `configs/report.py`'s."""
+    layers = _layers(config.layers)
+    compare, timeline = _names(config.compare), _names(config.timeline)
+    formats = list(dict.fromkeys(["png", *_names(config.formats)]))
+    seed, kernel_size = config.seed, config.kernel_size
+    rundir = workdir_lib.RunDir(workdir)
+    stats = assignment_files.read_stats(rundir.assignments, kernel_size)
     if not stats:
         raise RunDirError(f"--workdir {workdir}: no assignments (run `python -m dwjax.assign` "
                           "first)")
     if len({s["kernel_size"] for s in stats}) > 1:
         raise RunDirError(f"--workdir {workdir}: assignments of several kernel sizes; pass "
                           "--kernel_size")
-    os.makedirs(run.report, exist_ok=True)
-    ctx = sections.Context(run, stats, _settings(run), formats=tuple(formats), seed=seed,
+    os.makedirs(rundir.report, exist_ok=True)
+    ctx = sections.Context(rundir, stats, _settings(rundir), formats=tuple(formats), seed=seed,
                                log=log)
     entries = []
     steps = [("shares", sections.shares), ("models", source_sections.models),
@@ -74,14 +77,14 @@ def run_report(workdir: str, layers: Sequence[int] = (), compare: Sequence[str] 
         log(f"  {name}: {sum(len(e.figures) for e in new)} figures, "
             f"{sum(len(e.tables) for e in new)} tables")
     k = ctx.kernel_size
-    page = page_lib.write_page(run.report, f"dwjax report: {k}×{k} kernels of "
+    page = page_lib.write_page(rundir.report, f"dwjax report: {k}×{k} kernels of "
                                   f"{os.path.basename(os.path.normpath(workdir))}",
                                   ctx.settings, entries)
     _log_summary(stats, log)
     figs = [f for e in entries for f in e.figures]
     tables = [t for e in entries for t in e.tables]
-    log(f"{len(tables)} tables and {len(figs)} figures in {run.report}; open {page}")
-    return {"dir": run.report, "figures": figs, "tables": tables, "page": page}
+    log(f"{len(tables)} tables and {len(figs)} figures in {rundir.report}; open {page}")
+    return {"dir": rundir.report, "figures": figs, "tables": tables, "page": page}
 
 
 def _log_summary(stats: list[dict], log: Callable[[str], None]) -> None:
@@ -95,39 +98,32 @@ def _log_summary(stats: list[dict], log: Callable[[str], None]) -> None:
             + ", ".join(f"{c} {v / n:.0%}" for c, v in top))
 
 
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _layers(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _names(value)]
+    except ValueError:
+        raise sections.ReportError(f"--config.layers {value}: integers expected")
+
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None,
                         "Run directory with assignments (default $DWJAX_HOME/runs/k<kernel_size>).")
-    flags.DEFINE_integer("kernel_size", 5, "Picks the default workdir when --workdir is not given.")
-    flags.DEFINE_list("layers", [], "Depthwise layers (numbered as in the per-layer bars) to draw "
-                      "random samples of, e.g. 13,14,15 (paper Figs. 20, 21).")
-    flags.DEFINE_list("compare", [], "Two or more source ids to compare layer by layer "
-                      "(Figs. 18, 26).")
-    flags.DEFINE_list("timeline", [], "Source ids that are checkpoints of one training run, in "
-                      "time order (Figs. 24, 25).")
-    flags.DEFINE_list("formats", ["png", "pdf"], "Figure formats (png is always written).")
-    flags.DEFINE_integer("seed", 0, "Seed of every random sample.")
-
-
-def _layers(values: Sequence[str]) -> list[int]:
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise sections.ReportError(f"--layers {','.join(values)}: integers expected")
 
 
 def main(argv):
     del argv
     cli.setup(uses_jax=True)
     with cli.user_errors("report"):
-        run_report(FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size),
-                   _layers(FLAGS.layers), FLAGS.compare, FLAGS.timeline,
-                   ["png", *FLAGS.formats], FLAGS.seed)
+        config = cli.stage_config()
+        run(config, FLAGS.workdir or paths.default_workdir(config.kernel_size or 5))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_config_stage("report", main, define_flags)

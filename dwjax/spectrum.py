@@ -2,15 +2,16 @@
 
 Decodes evenly spaced codes in [0, 1] (paper §4.2: 500), saves them, proposes `labels.json` from the
 DoG-family template bank unless the workdir already has one (a user's edits are never overwritten
-without --relabel), and draws the spectrum as the paper's Figure 3.
+without --config.relabel=true), and draws the spectrum as the paper's Figure 3.
 """
 from __future__ import annotations
 
 import os
 from typing import Callable
 
+import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from dwjax import cli
 from dwjax.errors import ConfigError
@@ -22,14 +23,16 @@ from dwjax.patterns import templates
 from dwjax.views import plotting
 
 
-def run_spectrum(workdir: str, num_codes: int = labels_lib.SPECTRUM_CODES, relabel: bool = False,
-                 log: Callable[[str], None] = print) -> dict:
-    """Writes `spectrum.npz`, `labels.json` (if absent or `relabel`) and the figures.
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        log: Callable[[str], None] = print) -> dict:
+    """Writes `spectrum.npz`, `labels.json` (if absent or `config.relabel`) and the figures.
 
-    Returns `{"spectrum", "labels", "figure", "templates_figure"}` paths.
+    `config` is `configs/spectrum.py`'s. Returns `{"spectrum", "labels", "figure",
+    "templates_figure"}` paths.
     """
+    num_codes, relabel = config.num_codes, config.relabel
     if num_codes < 2:
-        raise ConfigError(f"--num_codes {num_codes}: need at least 2")
+        raise ConfigError(f"--config.num_codes {num_codes}: need at least 2")
     run = workdir_lib.RunDir(workdir)
     params, config = restore.load_params(run)
     k = int(config.kernel_size)
@@ -65,19 +68,15 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None,
                         "A training run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
-    flags.DEFINE_integer("kernel_size", 5, "Picks the default workdir when --workdir is not given.")
-    flags.DEFINE_integer("num_codes", labels_lib.SPECTRUM_CODES, "Evenly spaced codes to decode.")
-    flags.DEFINE_bool("relabel", False, "Replace an existing labels.json with a fresh proposal.")
 
 
 def main(argv):
     del argv
     cli.setup()
     with cli.user_errors("spectrum"):
-        run_spectrum(FLAGS.workdir or paths.default_workdir(FLAGS.kernel_size), FLAGS.num_codes,
-                     FLAGS.relabel)
+        config = cli.stage_config()
+        run(config, FLAGS.workdir or paths.default_workdir(config.kernel_size or 5))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_config_stage("spectrum", main, define_flags)

@@ -19,3 +19,17 @@ def make_data_dir(tmp_path, kernels_by_source: dict, layers: dict | None = None)
     d = os.path.join(str(tmp_path), "data")
     convert.convert(d, srcs, log=lambda *_: None)
     return d
+
+
+def stage_config(stage: str, arg: str | None = None, **fields):
+    """`configs/<stage>.py`'s config with fields set; `job__part_size=8` sets `job.part_size`."""
+    import importlib
+
+    config = importlib.import_module(f"dwjax.configs.{stage}").get_config(arg)
+    for name, value in fields.items():
+        *path, leaf = name.split("__")
+        node = config
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return config

@@ -187,13 +187,11 @@ def test_user_errors_become_one_line_and_bugs_propagate(capsys):
 
 
 _BUGGY_REPORT = """
-from absl import app
-from dwjax import report
+from dwjax import cli, report
 def broken(*args, **kwargs):
     raise ValueError("an internal bug")
-report.run_report = broken
-report.define_flags()
-app.run(report.main)
+report.run = broken
+cli.run_config_stage("report", report.main, report.define_flags)
 """
 
 

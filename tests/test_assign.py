@@ -16,7 +16,7 @@ from dwjax.model import decoder, restore
 from dwjax.patterns import labels as labels_lib
 from dwjax.patterns import templates
 from tests.conftest import run_module
-from tests.helpers import make_data_dir
+from tests.helpers import make_data_dir, stage_config
 from tests.reference import nearest_codes_reference
 
 QUIET = dict(log=lambda *_: None)
@@ -46,9 +46,9 @@ def dog_run(tmp_path_factory):
 
 def test_synthetic_dog_kernels_get_their_automatic_label(dog_run):
     workdir, d, classes = dog_run
-    spectrum.run_spectrum(workdir, **QUIET)
+    spectrum.run(stage_config("spectrum"), workdir, **QUIET)
     assert os.path.exists(os.path.join(workdir, "figures", "spectrum.png"))
-    summary = assign.assign(workdir, d, **QUIET)
+    summary = assign.run(stage_config("assign"), workdir, d, **QUIET)
     rows = _rows(workdir)
     assert len(rows) == summary["kernels"] == 6000
     got = [templates.merged_class(l) for l in rows["label"]]
@@ -85,8 +85,8 @@ def test_trained_kernels_cluster_far_more_than_random_init(default_run_k5, embed
     """Real EfficientNet-Lite 5×5 kernels vs Kaiming-initialised ones of the same shapes (timm)."""
     pytest.importorskip("timm")
     workdir = default_run_k5.workdir
-    spectrum.run_spectrum(workdir, **QUIET)
-    trained = assign.assign(workdir, embedded_dir, **QUIET)
+    spectrum.run(stage_config("spectrum"), workdir, **QUIET)
+    trained = assign.run(stage_config("assign"), workdir, embedded_dir, **QUIET)
     random_dir = str(tmp_path / "random")
     convert.convert(
         random_dir,
@@ -94,7 +94,8 @@ def test_trained_kernels_cluster_far_more_than_random_init(default_run_k5, embed
         **QUIET,
     )
     assert shards.count_kernels(random_dir, 5) == 23856  # the same 5×5 shapes as the real ones
-    untrained = assign.assign(workdir, random_dir, overwrite=True, **QUIET)
+    config = stage_config("assign", job__overwrite=True)
+    untrained = assign.run(config, workdir, random_dir, **QUIET)
     print(
         f"clustered: trained {trained['clustered_fraction']:.1%}, "
         f"random init {untrained['clustered_fraction']:.1%}"
@@ -114,7 +115,7 @@ def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
     for f in ("config.json", "labels.json"):
         os.link(os.path.join(workdir, f), os.path.join(fresh, f))
     os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(fresh, "checkpoints"))
-    full = assign.assign(fresh, d, **QUIET)
+    full = assign.run(stage_config("assign"), fresh, d, **QUIET)
     expected = {p: open(p, "rb").read()
                 for p in glob.glob(os.path.join(fresh, "assignments", "*.parquet"))}
 
@@ -133,12 +134,12 @@ def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
     assign.nearest.Searcher.stream = dies_on_second_shard
     try:
         with pytest.raises(KeyboardInterrupt):
-            assign.assign(fresh, d, **QUIET)
+            assign.run(stage_config("assign"), fresh, d, **QUIET)
     finally:
         assign.nearest.Searcher.stream = real
     assert len(glob.glob(os.path.join(fresh, "assignments", "*.parquet"))) == 1
     logs = []
-    again = assign.assign(fresh, d, log=logs.append)
+    again = assign.run(stage_config("assign"), fresh, d, log=logs.append)
     assert sum("skipped" in l for l in logs) == 1
     assert {p: open(p, "rb").read()
             for p in glob.glob(os.path.join(fresh, "assignments", "*.parquet"))} == expected
@@ -199,8 +200,9 @@ def test_report_tables_match_the_assignments(dog_run):
     from dwjax import report
 
     workdir, d, _ = dog_run
-    summary = assign.assign(workdir, d, **QUIET)  # already done: every shard skipped
-    out = report.run_report(workdir, **QUIET)
+    # already done: every shard skipped
+    summary = assign.run(stage_config("assign"), workdir, d, **QUIET)
+    out = report.run(stage_config("report"), workdir, **QUIET)
     by_source = pd.read_csv(os.path.join(out["dir"], "by_source.csv"))
     assert list(by_source["source"]) == ["dogs"]
     assert by_source["kernels"].iloc[0] == 6000
@@ -226,7 +228,8 @@ def test_kmeans_path_for_3x3(embedded_dir, tmp_path):
     needed."""
     workdir = str(tmp_path / "k3")
     logs = []
-    summary = assign.assign(workdir, embedded_dir, kernel_size=3, log=logs.append)
+    config = stage_config("assign", kernel_size=3)
+    summary = assign.run(config, workdir, embedded_dir, log=logs.append)
     assert any("fitting k-means (10 clusters) on 16,532" in l for l in logs)  # 16,544 minus 12 dead
     rows = _rows(workdir)
     assert len(rows) == summary["kernels"] == 16544
@@ -252,11 +255,11 @@ def test_kmeans_path_for_3x3(embedded_dir, tmp_path):
     assert sum(n.startswith("On-Centre") or n.startswith("Off-Centre") for n in names) >= 2
     # the centroids are kept: a second job (another data dir) does not refit
     logs.clear()
-    assign.assign(workdir, embedded_dir, kernel_size=3, log=logs.append)
+    assign.run(stage_config("assign", kernel_size=3), workdir, embedded_dir, log=logs.append)
     assert not any("fitting" in l for l in logs) and sum("skipped" in l for l in logs) == 4
     from dwjax import report
 
-    figs = report.run_report(workdir, **QUIET)["figures"]
+    figs = report.run(stage_config("report"), workdir, **QUIET)["figures"]
     # paper Fig. 2: the stems' regular 3×3 kernels beside depthwise ones, from convert's sample
     assert os.path.join(workdir, "report", "regular_vs_depthwise_mobilenet-v2.png") in figs
     regular = shards.read_regular(embedded_dir, "mobilenet-v2", 3)
@@ -275,9 +278,9 @@ def test_same_named_shard_from_another_data_dir_is_assigned_and_quoted(dog_run, 
     for f in ("config.json", "labels.json"):
         os.link(os.path.join(workdir, f), os.path.join(fresh, f))
     os.symlink(os.path.join(workdir, "checkpoints"), os.path.join(fresh, "checkpoints"))
-    assert assign.assign(fresh, first, **QUIET)["kernels"] == 40
+    assert assign.run(stage_config("assign"), fresh, first, **QUIET)["kernels"] == 40
     logs = []
-    assert assign.assign(fresh, second, log=logs.append)["kernels"] == 60
+    assert assign.run(stage_config("assign"), fresh, second, log=logs.append)["kernels"] == 60
     assert not any("skipped" in l for l in logs)
     rows = _rows(fresh)
     assert len(rows) == 60 and set(rows["source"]) == {'x,"y'}

@@ -8,13 +8,14 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from dwjax.configs import train as train_configs
 
 from dwjax import assign, train
-from dwjax.io import assignment_files, shards
+from dwjax.io import assignment_files, assignment_rows, shards
 from dwjax.patterns import templates
-from tests.helpers import make_data_dir
+from tests.helpers import make_data_dir, stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(log=lambda *_: None)
@@ -54,11 +55,15 @@ def _sorted(rows: pd.DataFrame) -> pd.DataFrame:
 def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
     run, d, kernels = small_run
     w = _fresh(run, tmp_path / "pq")
-    summary = assign.assign(w, d, **QUIET)
+    summary = assign.run(stage_config("assign"), w, d, **QUIET)
     assert summary["complete"] and summary["kernels"] == 900
     rows = pd.read_parquet(os.path.join(w, "assignments"))
-    assert list(rows.columns) == list(assignment_files.COLUMNS) and len(rows) == 900
+    assert list(rows.columns) == list(assignment_rows.COLUMNS) and len(rows) == 900
     assert rows["label"].dtype.name == "category"  # dictionary-encoded
+    for f in os.listdir(os.path.join(w, "assignments")):  # every file has the one schema
+        if f.endswith(".parquet"):
+            schema = pq.read_schema(os.path.join(w, "assignments", f))
+            assert schema.remove_metadata().equals(assignment_rows.ROW_SCHEMA)
     # the arrays they were written from: classifier outputs and raw statistics
     clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(w), 10_000, 0.2, 1 << 15)
     code, dis, clustered, label, total, norm = clf(kernels.astype(np.float32))
@@ -75,12 +80,12 @@ def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
     gamma = k64.shape[1] * 2.0 ** -24 / (1 - k64.shape[1] * 2.0 ** -24)
     assert (np.abs(total - k64.sum(1)) <= gamma * np.abs(k64).sum(1) + 1e-30).all()
     np.testing.assert_allclose(norm, np.linalg.norm(k64, axis=1), rtol=2 * gamma)
-    dead = got[got["label"] == assignment_files.DEAD]
+    dead = got[got["label"] == assignment_rows.DEAD]
     assert len(dead) == 2 and dead["code"].isna().all() and dead["dissimilarity"].isna().all()
     assert not dead["clustered"].any()
     # --format=csv: today's CSV, the same values
     c = _fresh(run, tmp_path / "csv")
-    assign.assign(c, d, fmt="csv", **QUIET)
+    assign.run(stage_config("assign", format="csv"), c, d, **QUIET)
     csv_rows = pd.concat(pd.read_csv(os.path.join(c, "assignments", f))
                          for f in sorted(os.listdir(os.path.join(c, "assignments")))
                          if f.endswith(".csv"))
@@ -91,19 +96,29 @@ def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
         assert (a[col].astype(str) == b[col].astype(str)).all(), col
     for col in ("code", "dissimilarity", "total_activation", "norm"):
         np.testing.assert_allclose(a[col], b[col], rtol=1e-5, atol=1e-7)
+    # read back through the owner, CSV columns come in the Parquet columns' dtypes
+    stats_pq = assignment_files.read_stats(os.path.join(w, "assignments"))[0]
+    stats_csv = assignment_files.read_stats(os.path.join(c, "assignments"))[0]
+    from_pq = assignment_files.read_rows(os.path.join(w, "assignments"), stats_pq,
+                                         assignment_rows.COLUMNS)
+    from_csv = assignment_files.read_rows(os.path.join(c, "assignments"), stats_csv,
+                                          assignment_rows.COLUMNS)
+    assert {n: v.dtype for n, v in from_pq.items()} == {n: v.dtype for n, v in from_csv.items()}
 
 
 def test_parts_cover_each_shard_once_and_a_new_part_size_replaces_them(small_run, tmp_path):
     run, d, _ = small_run
     w = _fresh(run, tmp_path / "w")
     whole = _sorted(pd.read_parquet(os.path.join(
-        assign.assign(_fresh(run, tmp_path / "ref"), d, **QUIET) and str(tmp_path / "ref"),
+        assign.run(stage_config("assign"), _fresh(run, tmp_path / "ref"), d, **QUIET)
+        and str(tmp_path / "ref"),
         "assignments")))
-    assign.assign(w, d, part_size=128, **QUIET)
+    assign.run(stage_config("assign", job__part_size=128), w, d, **QUIET)
     files = sorted(f for f in os.listdir(os.path.join(w, "assignments")) if f.endswith(".parquet"))
     assert len(files) == 9 and "src0.k5x5.r256-300.parquet" in files
     pd.testing.assert_frame_equal(_sorted(pd.read_parquet(os.path.join(w, "assignments"))), whole)
-    summary = assign.assign(w, d, part_size=1000, **QUIET)  # one part per shard now
+    # one part per shard now
+    summary = assign.run(stage_config("assign", job__part_size=1000), w, d, **QUIET)
     files = sorted(f for f in os.listdir(os.path.join(w, "assignments")) if f.endswith(".parquet"))
     assert files == ["src0.k5x5.parquet", "src1.k5x5.parquet", "src2.k5x5.parquet"]
     assert summary["kernels"] == 900
@@ -112,15 +127,16 @@ def test_parts_cover_each_shard_once_and_a_new_part_size_replaces_them(small_run
 
 def _assign_cmd(w, d, *extra):
     return [sys.executable, "-m", "dwjax.assign", f"--workdir={w}", f"--data_dir={d}",
-            "--part_size=128", *extra]
+            "--config.job.part_size=128", *extra]
 
 
 def test_two_workers_at_once_equal_one_process(small_run, tmp_path):
     run, d, _ = small_run
     ref = _fresh(run, tmp_path / "ref")
-    assign.assign(ref, d, part_size=128, **QUIET)
+    assign.run(stage_config("assign", job__part_size=128), ref, d, **QUIET)
     w = _fresh(run, tmp_path / "w")
-    procs = [subprocess.Popen(_assign_cmd(w, d, "--num_workers=2", f"--worker_index={i}"),
+    procs = [subprocess.Popen(_assign_cmd(w, d, "--config.job.num_workers=2",
+                                          f"--config.job.worker_index={i}"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -137,13 +153,16 @@ def test_two_workers_at_once_equal_one_process(small_run, tmp_path):
 
 _KILL_AFTER_FIRST_BLOCK = r"""
 import os, signal, sys
-from dwjax import assign, assignments
+from dwjax import assign
+from dwjax.io import assignment_files
+from tests.helpers import stage_config
 real = assignment_files.PartWriter.write
 def write(self, *a, **k):
     real(self, *a, **k)
     os.kill(os.getpid(), signal.SIGKILL)  # dies with the part's row file half written
 assignment_files.PartWriter.write = write
-assign.assign(sys.argv[1], sys.argv[2], chunk_size=16, part_size=1000, log=print)
+config = stage_config("assign", job__chunk_size=16, job__part_size=1000)
+assign.run(config, sys.argv[1], sys.argv[2], log=print)
 """
 
 
@@ -156,7 +175,8 @@ def test_a_worker_killed_mid_part_reruns_to_single_rows(small_run, tmp_path):
     out = os.path.join(w, "assignments")
     assert [f for f in os.listdir(out) if f.startswith(".tmp-")]  # the torn part, hidden
     assert not [f for f in os.listdir(out) if f.endswith(".parquet") and f[0] != "."]
-    summary = assign.assign(w, d, chunk_size=16, part_size=1000, **QUIET)
+    config = stage_config("assign", job__chunk_size=16, job__part_size=1000)
+    summary = assign.run(config, w, d, **QUIET)
     assert summary["kernels"] == 900 and not [f for f in os.listdir(out) if f.startswith(".tmp-")]
     rows = pd.read_parquet(out)
     assert len(rows) == 900 and not rows.duplicated(["source", "layer", "channel"]).any()
@@ -165,7 +185,7 @@ def test_a_worker_killed_mid_part_reruns_to_single_rows(small_run, tmp_path):
 def test_two_process_distributed_job_equals_one_process(small_run, tmp_path):
     run, d, _ = small_run
     ref = _fresh(run, tmp_path / "ref")
-    assign.assign(ref, d, part_size=128, **QUIET)
+    assign.run(stage_config("assign", job__part_size=128), ref, d, **QUIET)
     w = _fresh(run, tmp_path / "w")
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -189,10 +209,16 @@ def test_two_process_distributed_job_equals_one_process(small_run, tmp_path):
 
 
 @pytest.mark.parametrize("args,word", [
-    (["--threshold=nan"], "--threshold"), (["--threshold=2.5"], "--threshold"),
-    (["--num_codes=1"], "--num_codes"), (["--chunk_size=0"], "--chunk_size"),
-    (["--num_workers=2", "--worker_index=2"], "--worker_index"),
-    (["--num_workers=2", "--overwrite"], "--overwrite"), (["--part_size=0"], "--part_size")])
+    (["--config.threshold=nan"], "--config.threshold"),
+    (["--config.threshold=2.5"], "--config.threshold"),
+    (["--config.num_codes=1"], "--config.num_codes"),
+    (["--config.job.chunk_size=0"], "--config.job.chunk_size"),
+    (["--config.job.num_workers=2", "--config.job.worker_index=2"], "--config.job.worker_index"),
+    (["--config.job.num_workers=2", "--config.job.overwrite=true"], "--config.job.overwrite"),
+    (["--config.job.part_size=0"], "--config.job.part_size"),
+    (["--config.method=svm"], "--config.method"),
+    (["--config.treshold=0.1"], "--config.treshold: unknown config field (did you mean "
+                                "--config.threshold?)")])
 def test_bad_job_flags_are_refused_before_anything_is_written(small_run, tmp_path, args, word):
     run, d, _ = small_run
     w = _fresh(run, tmp_path / "w")
@@ -222,7 +248,7 @@ def test_negligible_kernels_are_dead_and_small_ones_keep_their_answer(small_run,
     mixed = np.concatenate([base, base * np.float32(1e-6), base * np.float32(1e-20)])
     d = make_data_dir(tmp_path / "d", {"scaled": mixed})
     w = _fresh(run, tmp_path / "w")
-    assign.assign(w, d, **QUIET)
+    assign.run(stage_config("assign"), w, d, **QUIET)
     rows = pd.read_parquet(os.path.join(w, "assignments")).sort_values("channel")
     first, small, tiny = (rows.iloc[i * 50:(i + 1) * 50] for i in range(3))
     assert (tiny["label"] == assignment_files.DEAD).all() and tiny["code"].isna().all()
@@ -246,10 +272,10 @@ def test_arrow_columns_and_empty_rows(small_run):
     rng = np.random.default_rng(0)
     for n in (0, 1, 7, 8, 9, 13):
         b = rng.random(n) < 0.5
-        assert assignment_files._arrow(b).to_pylist() == b.tolist()
-    assert assignment_files._arrow(np.arange(5, dtype=">i4")).to_pylist() == [0, 1, 2, 3, 4]
+        assert assignment_rows._arrow(b).to_pylist() == b.tolist()
+    assert assignment_rows._arrow(np.arange(5, dtype=">i4")).to_pylist() == [0, 1, 2, 3, 4]
     words = ["", "a,b", "ünïcödé", "层", 'q"uote']
-    assert assignment_files._arrow_strings(words).to_pylist() == words
+    assert assignment_rows._arrow_strings(words).to_pylist() == words
     run, _, _ = small_run
     clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(run), 1000, 0.2, 256, **QUIET)
     rows = clf(np.zeros((0, 5, 5), np.float32))

@@ -431,7 +431,8 @@ def test_unwritable_data_dir(bad_files, where):
 DRIVER = r'''
 import os, signal, sys
 import numpy as np
-from dwjax import convert, sources
+from dwjax import convert
+from dwjax.io import sources
 data_dir, kill_at, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 srcs = [sources.npz_source(f) if f.endswith(".npz") else sources.checkpoint_source(f)
         for f in files]

@@ -13,6 +13,7 @@ from dwjax import assign, report
 from dwjax.io import workdir as workdir_lib
 from dwjax.patterns import templates
 from dwjax.views import sections
+from tests.helpers import stage_config
 
 QUIET = dict(log=lambda *_: None)
 LITE = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
@@ -24,8 +25,10 @@ def reported(default_run_k5, embedded_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("report") / "run")
     shutil.copytree(default_run_k5.workdir, workdir,
                     ignore=shutil.ignore_patterns("assignments", "report", "tensorboard"))
-    assign.assign(workdir, embedded_dir, **QUIET)
-    out = report.run_report(workdir, layers=[0, 5], compare=LITE[:2], timeline=LITE, **QUIET)
+    assign.run(stage_config("assign"), workdir, embedded_dir, **QUIET)
+    config = stage_config("report", layers="0,5", compare=",".join(LITE[:2]),
+                          timeline=",".join(LITE))
+    out = report.run(config, workdir, **QUIET)
     rows = pd.read_parquet(workdir_lib.RunDir(workdir).assignments)
     return workdir, out, rows
 

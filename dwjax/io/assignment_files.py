@@ -2,38 +2,39 @@
 `report` reads, so it never re-parses millions of rows), the settings they were made with, and the
 summary. Written by `assign`, read by `report`.
 
-    <shard dir>.k5x5.parquet              one part covering a whole shard: its rows (COLUMNS)
+    <shard dir>.k5x5.parquet                   one part covering a whole shard: its rows
+                                               (dwjax.io.assignment_rows.ROW_SCHEMA)
     <shard dir>.k5x5.r<start>-<stop>.parquet   one row range of a shard larger than a part
-    _meta/settings.json                   method, kernel size, threshold, … (changes need
-    --overwrite) _meta/<row file stem>.json            the part's statistics: source, shard sha256,
-    data_dir,
-                                          row range, counts per label, per layer likewise
-    _meta/summary.json                    totals over every completed shard
+    _meta/settings.json                        the assign config the rows were made with (all but
+                                               its `job` section) and the digests of the labels
+                                               and decoded codes or centroids; changes need
+                                               --config.job.overwrite
+    _meta/<row file stem>.json                 the part's statistics: source, shard sha256,
+                                               data_dir, row range, counts per label and per layer
+    _meta/summary.json                         totals over every completed shard
 
 The row file is the part's completion marker: it is renamed into place after its statistics, so a
 part is done when both exist and the statistics name the same shard content and row range. Only
 row files and hidden or `_`-prefixed names live at the top, so `pd.read_parquet(<assignments>)`
-reads a whole job. `--format=csv` writes `.csv` row files with the same columns.
+reads a whole job. `--config.format=csv` writes `.csv` row files with the same columns.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
 import json
 import os
 import shutil
-import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from dwjax.errors import UserError
-from dwjax.io import atomic, locks, shards
+from dwjax.io import assignment_rows, atomic, locks, shards
 
-COLUMNS = ("source", "layer", "layer_name", "channel", "kernel_size", "code", "dissimilarity",
-           "clustered", "label", "total_activation", "norm")
-UNCLUSTERED, DEAD = "Unclustered", "Dead"
+UNCLUSTERED, DEAD = assignment_rows.UNCLUSTERED, assignment_rows.DEAD
 FORMATS = ("parquet", "csv")
 META = "_meta"
 
@@ -98,16 +99,29 @@ def is_done(out_dir: str, part: Part, k: int, fmt: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- writing a part
+@contextlib.contextmanager
+def open_part(out_dir: str, part: Part, k: int, fmt: str, data_dir: str,
+              label_names: Sequence[str]) -> Iterator["PartWriter"]:
+    """A `PartWriter` for one part: its row file and statistics appear only when the block exits
+    without an error; otherwise nothing of the part is left."""
+    with atomic.atomic_path(rows_path(out_dir, part, k, fmt)) as tmp:
+        with contextlib.ExitStack() as files:
+            writer = PartWriter(tmp, files, part, k, fmt, data_dir, label_names)
+            yield writer
+            writer.finish()
+        # statistics first: the row file, renamed last, is the completion marker
+        atomic.write_json(stats_path(out_dir, part, k), writer.stats())
+
+
 class PartWriter:
-    """Streams one part's rows to its file block by block and keeps its statistics.
+    """Streams one part's rows to the temp file `tmp` block by block and keeps its statistics
+    (`open_part` makes one). `label_names` is the dictionary every block's `label_index` points
+    into; `files` closes what the writer opens."""
 
-    `label_names` is the dictionary every block's `label_index` points into. Use as a context
-    manager: the row file and statistics appear only when the block exits without an error.
-    """
-
-    def __init__(self, out_dir: str, part: Part, k: int, fmt: str, data_dir: str,
-                 label_names: Sequence[str]):
-        self.out_dir, self.part, self.k, self.fmt = out_dir, part, k, fmt
+    def __init__(self, tmp: str, files: contextlib.ExitStack, part: Part, k: int, fmt: str,
+                 data_dir: str, label_names: Sequence[str]):
+        self._tmp, self._files = tmp, files
+        self.part, self.k, self.fmt = part, k, fmt
         self.data_dir = os.path.abspath(data_dir)
         self.label_names = list(label_names)
         meta = part.shard.meta
@@ -117,110 +131,52 @@ class PartWriter:
         self.counts = np.zeros((len(layer_ids), len(self.label_names)), np.int64)
         self.clustered = np.zeros(len(layer_ids), np.int64)
         self.rows = 0  # written so far
-
-    def __enter__(self) -> "PartWriter":
-        self._atomic = atomic.atomic_path(rows_path(self.out_dir, self.part, self.k, self.fmt))
-        self._tmp = self._atomic.__enter__()
-        self._writer = None
+        self._parquet = None
         self._csv = None
-        return self
 
-    def write(self, code: np.ndarray, dissimilarity: np.ndarray, clustered: np.ndarray,
-              label_index: np.ndarray, total_activation: np.ndarray, norm: np.ndarray) -> None:
-        """The next rows of the part, in shard order; every argument is `[n]`."""
+    def write(self, rows: assignment_rows.Rows) -> None:
+        """The next rows of the part, in shard order."""
         a = self.part.start + self.rows
-        n = len(code)
+        n = len(rows.code)
         meta = self.part.shard.meta[a:a + n]
         layer = np.asarray(meta["layer"], np.int32)
-        channel = np.asarray(meta["channel"], np.int32)
         layer_pos = np.searchsorted(self.layer_ids, layer).astype(np.int32)
-        label_index = np.asarray(label_index, np.int32)
-        clustered = np.asarray(clustered, bool)
+        rows = rows.typed()
         width = len(self.label_names)
-        self.counts += np.bincount(layer_pos.astype(np.int64) * width + label_index,
+        self.counts += np.bincount(layer_pos.astype(np.int64) * width + rows.label_index,
                                    minlength=self.counts.size).reshape(self.counts.shape)
-        self.clustered += np.bincount(layer_pos, weights=clustered,
+        self.clustered += np.bincount(layer_pos, weights=rows.clustered,
                                       minlength=len(self.layer_ids)).astype(np.int64)
-        cols = dict(layer=layer, layer_pos=layer_pos, channel=channel, code=code,
-                    dissimilarity=np.asarray(dissimilarity, np.float32), clustered=clustered,
-                    label_index=label_index, total_activation=np.asarray(total_activation,
-                                                                         np.float32),
-                    norm=np.asarray(norm, np.float32))
-        (self._write_parquet if self.fmt == "parquet" else self._write_csv)(cols)
+        where = assignment_rows.Where(self.part.shard.source, self.k, layer, layer_pos,
+                                      self.layer_names, np.asarray(meta["channel"], np.int32))
+        self._write(where, rows)
         self.rows += n
 
-    def _write_parquet(self, c: dict) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        n = len(c["layer"])
-
-        def dictionary(index, values):
-            return pa.DictionaryArray.from_arrays(_arrow(np.asarray(index, np.int32)),
-                                                  _arrow_strings(values))
-
-        table = pa.table({
-            "source": dictionary(np.zeros(n, np.int32), [self.part.shard.source]),
-            "layer": _arrow(c["layer"]), "layer_name": dictionary(c["layer_pos"], self.layer_names),
-            "channel": _arrow(c["channel"]), "kernel_size": _arrow(np.full(n, self.k, np.int32)),
-            "code": _arrow(np.asarray(c["code"], np.float64)),
-            "dissimilarity": _arrow(c["dissimilarity"]), "clustered": _arrow(c["clustered"]),
-            "label": dictionary(c["label_index"], self.label_names),
-            "total_activation": _arrow(c["total_activation"]), "norm": _arrow(c["norm"])})
-        if self._writer is None:
-            # dictionary pages only where they pay: the numeric columns would spend most of the
-            # write time building dictionaries they then drop
-            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="zstd",
-                                            use_dictionary=["source", "layer_name", "label"])
-        self._writer.write_table(table)
-
-    def _write_csv(self, c: dict) -> None:
-        if self._csv is None:
-            self._file = open(self._tmp, "w", newline="")
-            self._csv = csv.writer(self._file)  # quotes ids and names with commas or quotes
-            self._csv.writerow(COLUMNS)
-        n = len(c["layer"])
-        names = np.asarray(self.layer_names + [""], dtype=object)[c["layer_pos"]]
-        labels = np.asarray(self.label_names, dtype=object)[c["label_index"]]
-        self._csv.writerows(zip(
-            [self.part.shard.source] * n, c["layer"].tolist(), names.tolist(),
-            c["channel"].tolist(), [self.k] * n, map(_fmt, np.asarray(c["code"]).tolist()),
-            map(_fmt, c["dissimilarity"].tolist()), c["clustered"].astype(int).tolist(),
-            labels.tolist(), map(_fmt, c["total_activation"].tolist()),
-            map(_fmt, c["norm"].tolist())))
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if self._writer is not None:
-                self._writer.close()
-            if self._csv is not None:
-                self._file.close()
-            if exc_type is None:
-                if self.rows != self.part.stop - self.part.start:
-                    raise RuntimeError(f"{self.part}: wrote {self.rows} rows")
-                if self._writer is None and self._csv is None:
-                    self._write_empty()
-                # statistics first: the row file, renamed last, is the completion marker
-                atomic.write_json(stats_path(self.out_dir, self.part, self.k), self.stats())
-        except BaseException:
-            self._atomic.__exit__(*sys.exc_info())
-            raise
-        self._atomic.__exit__(exc_type, exc, tb)
-
-    def _write_empty(self) -> None:
-        empty = np.zeros(0)
+    def _write(self, where: assignment_rows.Where, rows: assignment_rows.Rows) -> None:
         if self.fmt == "parquet":
-            self._write_parquet(dict(layer=empty.astype(np.int32), layer_pos=empty.astype(np.int32),
-                                     channel=empty.astype(np.int32), code=empty,
-                                     dissimilarity=empty.astype(np.float32),
-                                     clustered=empty.astype(bool),
-                                     label_index=empty.astype(np.int32),
-                                     total_activation=empty.astype(np.float32),
-                                     norm=empty.astype(np.float32)))
-            self._writer.close()
+            if self._parquet is None:
+                import pyarrow.parquet as pq
+
+                self._parquet = self._files.enter_context(pq.ParquetWriter(
+                    self._tmp, assignment_rows.ROW_SCHEMA, compression="zstd",
+                    use_dictionary=assignment_rows.DICTIONARY_COLUMNS))
+            self._parquet.write_table(assignment_rows.table(where, rows, self.label_names))
         else:
-            with open(self._tmp, "w", newline="") as f:
-                csv.writer(f).writerow(COLUMNS)
+            if self._csv is None:
+                f = self._files.enter_context(open(self._tmp, "w", newline=""))
+                self._csv = csv.writer(f)  # quotes ids and names with commas or quotes
+                self._csv.writerow(assignment_rows.COLUMNS)
+            self._csv.writerows(assignment_rows.text_rows(where, rows, self.label_names))
+
+    def finish(self) -> None:
+        """Checks the part is complete; an empty part still gets a header-only file."""
+        if self.rows != self.part.stop - self.part.start:
+            raise RuntimeError(f"{self.part}: wrote {self.rows} rows")
+        if self._parquet is None and self._csv is None:
+            empty = np.zeros(0, np.int32)
+            where = assignment_rows.Where(self.part.shard.source, self.k, empty, empty,
+                                          self.layer_names, empty)
+            self._write(where, assignment_rows.Rows.empty())
 
     def stats(self) -> dict:
         def counts(row: np.ndarray, clustered: int) -> dict:
@@ -235,34 +191,6 @@ class PartWriter:
                 "layers": [{"layer": int(lid), "layer_name": name,
                             **counts(self.counts[i], self.clustered[i])}
                            for i, (lid, name) in enumerate(zip(self.layer_ids, self.layer_names))]}
-
-
-# numpy → Arrow by buffers: pa.array() imports pandas on its first call (a sixth of a short
-# assign's time), and these columns need none of its conversions.
-def _arrow(values: np.ndarray):
-    """A numeric or bool `[n]` array → pyarrow Array (zero-copy except bools, bit-packed)."""
-    import pyarrow as pa
-
-    values = np.ascontiguousarray(values, values.dtype.newbyteorder("="))  # native byte order
-    if values.dtype == bool:
-        data = np.packbits(values, bitorder="little")
-        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(data)])
-    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
-                                 [None, pa.py_buffer(values)])
-
-
-def _arrow_strings(values: Sequence[str]):
-    """Python strings → pyarrow string Array."""
-    import pyarrow as pa
-
-    data = [v.encode() for v in values]
-    offsets = np.cumsum([0] + [len(b) for b in data], dtype=np.int32)
-    return pa.Array.from_buffers(pa.string(), len(data),
-                                 [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
-
-
-def _fmt(x: float) -> str:
-    return "" if x != x else format(x, ".6g")
 
 
 # ----------------------------------------------------------------------------- settings, summary
@@ -382,33 +310,16 @@ def read_rows(out_dir: str, stats: dict, columns: Sequence[str]) -> dict[str, np
     for stem in stats["parts"]:
         base = os.path.join(out_dir, stem)
         if os.path.exists(base + ".parquet"):
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
             table = pq.read_table(base + ".parquet", columns=list(columns))
-            chunk = {}
-            for c in columns:
-                col = table.column(c)
-                if pa.types.is_dictionary(col.type):
-                    col = col.cast(pa.string())
-                chunk[c] = col.to_numpy()
-            chunks.append(chunk)
+            chunks.append(assignment_rows.from_arrow(table, columns))
         else:
             with open(base + ".csv", newline="") as f:
                 rows = list(csv.DictReader(f))
-            chunks.append({c: _from_text(c, [r[c] for r in rows]) for c in columns})
+            chunks.append({c: assignment_rows.from_text(c, [r[c] for r in rows])
+                           for c in columns})
     return {c: np.concatenate([ch[c] for ch in chunks]) for c in columns}
-
-
-def _from_text(column: str, values: list[str]) -> np.ndarray:
-    """A CSV column back to the type its Parquet twin has."""
-    if column in ("layer", "channel", "kernel_size"):
-        return np.asarray(values, np.int32)
-    if column == "clustered":
-        return np.asarray(values) == "1"
-    if column in ("code", "dissimilarity", "total_activation", "norm"):
-        return np.asarray([float(v) if v else np.nan for v in values])
-    return np.asarray(values, dtype=object)
 
 
 def clustered_labels(counts: dict) -> dict:
