@@ -71,7 +71,14 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
     tx = steps.make_optimizer(config, steps_per_epoch)
     opt_state = tx.init(params)
     mngr = run_checkpoints.manager(run.checkpoints, config.max_to_keep)
-    restored, restored_opt, meta = run_checkpoints.restore_latest(mngr, params, opt_state, arch)
+    try:
+        restored, restored_opt, meta = run_checkpoints.restore_latest(mngr, params, opt_state,
+                                                                      arch)
+        if meta is not None:
+            _check_epochs_not_fewer(config, int(meta["epoch"]))
+    except BaseException:
+        mngr.close()  # a refused start leaves no orbax thread behind
+        raise
     primary = jax.process_index() == 0  # one writer of the plain files, also on a shared filesystem
     if primary:
         workdir_lib.write_config(run, config, arch)  # only once the checkpoint is known to fit
@@ -126,6 +133,18 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
     params = jax.device_get(params)
     return TrainResult(model_lib.merge(graphdef, params), params, run.path, eval_loss,
                        len(dataset), dataset.num_dropped, dataset.rows_read)
+
+
+def _check_epochs_not_fewer(config: ml_collections.ConfigDict, trained: int) -> None:
+    """Refuses a num_epochs below what the run has done: config.json would then claim less
+    training than the checkpoint holds."""
+    from dwjax.errors import ConfigError
+
+    if config.num_epochs < trained:
+        raise ConfigError(
+            f"--config.num_epochs={config.num_epochs} is fewer than the {trained} epochs this run "
+            f"has already trained; pass --config.num_epochs={trained} or more, or use another "
+            "--workdir")
 
 
 def _check_finite(losses: np.ndarray, first_step: int, config: ml_collections.ConfigDict) -> None:

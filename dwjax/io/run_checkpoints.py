@@ -9,6 +9,8 @@ the state is used).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -63,6 +65,40 @@ def _path(mngr: ocp.CheckpointManager, step: int) -> str:
     return os.path.join(str(mngr.directory), str(step))
 
 
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets its unfinished tasks end before it closes.
+
+    orbax runs each restore in a fresh loop and closes it as soon as one read fails; the reads
+    still in flight then complete into the closed loop, and tensorstore's threads print
+    `RuntimeError: Event loop is closed` tracebacks. Cancelling them is not enough (tensorstore
+    still calls back when the read ends), so they are awaited.
+    """
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _draining_loops():
+    """The loops orbax makes meanwhile are `_DrainingLoop`s: a failed restore leaves no read
+    behind to write into stderr after the one-line error."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
@@ -72,7 +108,8 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int, architecture: dict) -> di
     path = _path(mngr, step)
     ocp = _ocp()
     try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        with _draining_loops():
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # orbax raises many types for a damaged directory
         raise CheckpointError(
             f"{path}: corrupt checkpoint (metadata unreadable: {type(e).__name__})"
@@ -98,7 +135,8 @@ def _restore(mngr: ocp.CheckpointManager, step: int, meta: dict, targets: dict) 
     ocp = _ocp()
     args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in host.items()})
     try:
-        restored = mngr.restore(step, args=args)
+        with _draining_loops():
+            restored = mngr.restore(step, args=args)
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt checkpoint ({_first_line(e)})")
     out = {}
