@@ -1,2 +1,3 @@
-"""Configs as code (installed as `dwjax.configs`): one `get_config()` per stage (ml_collections),
-overridable as --config.x=…"""
+"""Configs as code (installed as `dwjax.configs`): one `get_config(arg)` per config-driven stage
+(train, spectrum, assign, report, dog; `arg` is the kernel size), overridable as
+`--config.<field>=…`. convert takes its inputs (models, files) as plain flags."""

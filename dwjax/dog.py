@@ -1,6 +1,6 @@
 """Draw the DoG family (paper Figs. 1, 12, 13, 15).  `python -m dwjax.dog --kernel_size=7`
 
-Writes, under --out_dir (default $DWJAX_HOME/dog), each as PNG and PDF:
+Writes, under --out_dir (default $DWJAX_HOME/dog), each as PNG and PDF (`--config.formats`):
 
   dog_family_grid        Fig. 13: On and Off DoG, ∂x, ∂y, ∂xx, ∂yy, ∂xy on the k×k grid
   dog_family_3d_on       Figs. 1, 12: the On functions as smooth 3-D surfaces, k×k 3-D bars and
@@ -10,24 +10,23 @@ Writes, under --out_dir (default $DWJAX_HOME/dog), each as PNG and PDF:
 
 and `dog_family.npz`, every array drawn (`<figure>/<panel>/pixels` `[k, k]`, `…/smooth` `[R, R]`),
 plus the σ values. All of it comes from `dwjax.patterns.templates`, the bank the labeller and the
-DoG initialisation use. The core, `draw_dog_family`, is importable from a notebook.
+DoG initialisation use. Configured by `configs/dog.py`; the core, `run(config, out_dir)`, is
+importable from a notebook.
 """
 from __future__ import annotations
 
 import numbers
 import os
-from typing import Callable, Sequence
+from typing import Callable
 
-from absl import app, flags
+import ml_collections
+from absl import flags
 
 from dwjax import cli
 from dwjax.errors import ConfigError
 from dwjax.io import atomic, paths
 from dwjax.patterns import templates
 from dwjax.views import dog_plates
-
-DEFAULT_CROSS_SIGMAS = (0.4, 0.5, 0.6, 0.7, 0.8)  # Fig. 15's range
-
 
 class DogError(ConfigError):
     """A bad argument to the dog stage: one line for the user."""
@@ -46,38 +45,35 @@ def _check(kernel_size, formats, sigma_c, sigma_s, cross_sigmas) -> tuple[float,
         raise DogError(f"--kernel_size {kernel_size!r}: must be an odd integer >= 3 "
                        "(the DoG family is centred on a pixel)")
     if not formats or set(formats) - set(dog_plates.FORMATS):
-        raise DogError(f"--formats {','.join(formats)}: expected one or more of "
+        raise DogError(f"--config.formats {','.join(formats)}: expected one or more of "
                        f"{','.join(dog_plates.FORMATS)}")
     sigma_c = default_sigma_c(kernel_size) if sigma_c is None else float(sigma_c)
     sigma_s = templates.SURROUND_RATIOS[0] * sigma_c if sigma_s is None else float(sigma_s)
     if not 0 < sigma_c < sigma_s:
-        raise DogError(f"--sigma_c {sigma_c:g} --sigma_s {sigma_s:g}: need 0 < sigma_c < sigma_s")
+        raise DogError(f"--config.sigma_c {sigma_c:g} --config.sigma_s {sigma_s:g}: need "
+                       "0 < sigma_c < sigma_s")
     if not cross_sigmas or any(not s > 0 for s in cross_sigmas):
-        raise DogError(f"--cross_sigmas {','.join(map(str, cross_sigmas))}: "
+        raise DogError(f"--config.cross_sigmas {','.join(map(str, cross_sigmas))}: "
                        "need one or more values > 0")
     return sigma_c, sigma_s
 
 
-def draw_dog_family(out_dir: str, kernel_size: int = 7, formats: Sequence[str] = ("png", "pdf"),
-                    sigma_c: float | None = None, sigma_s: float | None = None,
-                    cross_sigmas: Sequence[float] = DEFAULT_CROSS_SIGMAS,
-                    log: Callable[[str], None] = print) -> list[str]:
+def run(config: ml_collections.ConfigDict, out_dir: str, *,
+        log: Callable[[str], None] = print) -> list[str]:
     """Draws the DoG-family figures into ``out_dir``; returns every written path (figures, then the
-    `dog_family.npz` record). Arguments are checked before anything is written (DogError).
-
-    Args:
-      kernel_size: k, odd ≥ 3: the kernels are ``[k, k]``.
-      formats: file formats, each of `dog_plates.FORMATS`.
-      sigma_c, sigma_s: centre and surround σ in pixels (default `default_sigma_c(k)`, 1.6·σ_c).
-      cross_sigmas: σ of each cross in the Fig. 15 figure.
-    """
+    `dog_family.npz` record). `config` is `configs/dog.py`'s; it is checked before anything is
+    written (DogError)."""
     import numpy as np
 
-    if isinstance(formats, str):  # "png,pdf" from a notebook, as the flag takes it
-        formats = formats.split(",")
-    formats = list(dict.fromkeys(f.strip().lower() for f in formats))  # ordered, no repeats
-    cross_sigmas = [float(s) for s in cross_sigmas]
-    sigma_c, sigma_s = _check(kernel_size, formats, sigma_c, sigma_s, cross_sigmas)
+    kernel_size = config.kernel_size
+    # ordered, no repeats, any case
+    formats = list(dict.fromkeys(f.strip().lower() for f in config.formats.split(",")
+                                 if f.strip()))
+    try:
+        cross_sigmas = [float(s) for s in config.cross_sigmas.split(",") if s.strip()]
+    except ValueError:
+        raise DogError(f"--config.cross_sigmas {config.cross_sigmas}: not numbers")
+    sigma_c, sigma_s = _check(kernel_size, formats, config.sigma_c, config.sigma_s, cross_sigmas)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -121,12 +117,6 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Flags are defined only when run as a program, so importing the core defines none."""
     flags.DEFINE_string("out_dir", None, "Where the figures go (default $DWJAX_HOME/dog).")
-    flags.DEFINE_integer("kernel_size", 7, "Kernel size k (odd, >= 3).")
-    flags.DEFINE_list("formats", ["png", "pdf"], "File formats to write: png, pdf, svg.")
-    flags.DEFINE_float("sigma_c", None, "Centre σ in pixels (default: middle of the bank's range).")
-    flags.DEFINE_float("sigma_s", None, "Surround σ in pixels (default 1.6·sigma_c).")
-    flags.DEFINE_list("cross_sigmas", [str(s) for s in DEFAULT_CROSS_SIGMAS],
-                      "σ of each cross in the Fig. 15 figure.")
 
 
 def main(argv):
@@ -135,14 +125,8 @@ def main(argv):
     with cli.user_errors("dog"):
         if len(argv) > 1:
             raise DogError(f"unexpected arguments {' '.join(argv[1:])}")
-        try:
-            cross_sigmas = [float(s) for s in FLAGS.cross_sigmas]
-        except ValueError:
-            raise DogError(f"--cross_sigmas {','.join(FLAGS.cross_sigmas)}: not numbers")
-        draw_dog_family(out_dir, FLAGS.kernel_size, FLAGS.formats, FLAGS.sigma_c, FLAGS.sigma_s,
-                        cross_sigmas)
+        run(cli.stage_config(), out_dir)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_config_stage("dog", main, define_flags, default_kernel_size=7)

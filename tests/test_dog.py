@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import stage_config
 from dwjax import dog
 from dwjax.errors import UserError
 from dwjax.patterns import templates
@@ -27,7 +28,7 @@ def _run(*args, timeout=300):
 @pytest.fixture(scope="module")
 def drawn(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dog"))
-    return out, dog.draw_dog_family(out, kernel_size=K, log=lambda *_: None)
+    return out, dog.run(stage_config("dog", kernel_size=K), out, log=lambda *_: None)
 
 
 def test_core_writes_every_figure_as_png_and_pdf(drawn):
@@ -65,7 +66,7 @@ def test_figures_are_drawn_from_the_template_module(drawn):
         # The smooth surface passes through the kernel's pixel values: the same function.
         np.testing.assert_allclose(smooth[::step, ::step], kernel, rtol=1e-6, atol=1e-7)
     sigmas = rec["cross_sigmas"]
-    np.testing.assert_allclose(sigmas, dog.DEFAULT_CROSS_SIGMAS)
+    np.testing.assert_allclose(sigmas, [0.4, 0.5, 0.6, 0.7, 0.8])  # configs/dog.py: Fig. 15
     for s in sigmas:
         np.testing.assert_array_equal(rec[f"cross_sum_of_gaussians/cross/{s:g}/pixels"],
                                       templates.cross(K, s))
@@ -88,8 +89,8 @@ def test_evaluate_matches_the_kernel_functions_on_the_pixel_grid(k):
 
 
 def test_core_formats_accept_a_comma_string_and_case(tmp_path):
-    written = dog.draw_dog_family(str(tmp_path), kernel_size=3, formats="SVG,svg",
-                                  cross_sigmas=[0.5], log=lambda *_: None)
+    config = stage_config("dog", kernel_size=3, formats="SVG,svg", cross_sigmas="0.5")
+    written = dog.run(config, str(tmp_path), log=lambda *_: None)
     assert sorted(os.path.basename(p) for p in written) == sorted(
         [f"{s}.svg" for s in STEMS] + ["dog_family.npz"])
 
@@ -111,14 +112,14 @@ def test_even_kernel_size_is_one_line_and_writes_nothing(tmp_path):
     assert not os.path.exists(out)
 
 
-@pytest.mark.parametrize("kwargs", [dict(kernel_size=1), dict(kernel_size=6), dict(kernel_size=5.0),
-                                    dict(formats=["gif"]), dict(formats=[]),
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=1), dict(kernel_size=6),
+                                    dict(formats="gif"), dict(formats=""),
                                     dict(sigma_c=1.0, sigma_s=0.5), dict(sigma_c=-1.0),
-                                    dict(cross_sigmas=[0.5, 0.0])])
+                                    dict(cross_sigmas="0.5,0.0"), dict(cross_sigmas="0.5,x")])
 def test_core_rejects_bad_arguments_before_writing(tmp_path, kwargs):
     out = str(tmp_path / "dog")
     with pytest.raises(dog.DogError):
-        dog.draw_dog_family(out, **{"kernel_size": 5, **kwargs})
+        dog.run(stage_config("dog", **{"kernel_size": 5, **kwargs}), out)
     assert not os.path.exists(out)
     assert issubclass(dog.DogError, UserError)
 

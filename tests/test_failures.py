@@ -122,13 +122,13 @@ def test_a_corrupted_checkpoint_is_refused_by_every_reader(data, trained, tmp_pa
         f.write(b"\xff" * 32)
     for stage in ("spectrum", "assign"):
         p = _run(f"dwjax.{stage}", f"--workdir={w}", f"--data_dir={data}"
-                 if stage == "assign" else "--relabel=false")
+                 if stage == "assign" else "--config.relabel=false")
         _one_line(p, stage, "model.npz: corrupt")
     # ... and without it, the orbax checkpoint is read and its corruption found
     os.remove(os.path.join(w, "model.npz"))
     for stage in ("spectrum", "assign"):
         p = _run(f"dwjax.{stage}", f"--workdir={w}", f"--data_dir={data}"
-                 if stage == "assign" else "--relabel=false")
+                 if stage == "assign" else "--config.relabel=false")
         _one_line(p, stage, "corrupt checkpoint")
 
 
@@ -174,7 +174,7 @@ def test_disk_full_is_one_line_and_leaves_nothing_partial(trained, data, tmp_pat
     big_data = str(tmp_path / "bigdata")
     p = _run("dwjax.convert", f"--kernels_npz={big}", f"--data_dir={big_data}")
     assert p.returncode == 0
-    p = _run("dwjax.assign", f"--workdir={w}", f"--data_dir={big_data}", "--format=csv",
+    p = _run("dwjax.assign", f"--workdir={w}", f"--data_dir={big_data}", "--config.format=csv",
              preexec_fn=_small_file_limit,  # its own compile cache: the shared one stays whole
              env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")})
     _one_line(p, "assign", "File too large")
@@ -247,8 +247,9 @@ def test_two_assigns_on_one_run_dir_both_finish_with_single_rows(trained, data, 
     w = str(tmp_path / "w")
     shutil.copytree(trained, w)
     procs = [subprocess.Popen([sys.executable, "-m", "dwjax.assign", f"--workdir={w}",
-                               f"--data_dir={data}", "--part_size=100"], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+                               f"--data_dir={data}", "--config.job.part_size=100"], cwd=ROOT,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     rows = pd.read_parquet(os.path.join(w, "assignments"))
