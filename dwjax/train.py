@@ -17,7 +17,7 @@ import numpy as np
 from absl import flags
 
 from dwjax import cli, runtime
-from dwjax.errors import UserError
+from dwjax.errors import ConfigError, UserError
 from dwjax.io import locks, metrics, paths, run_checkpoints, sources
 from dwjax.io import workdir as workdir_lib
 from dwjax.model import autoencoder as model_lib
@@ -138,8 +138,6 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
 def _check_epochs_not_fewer(config: ml_collections.ConfigDict, trained: int) -> None:
     """Refuses a num_epochs below what the run has done: config.json would then claim less
     training than the checkpoint holds."""
-    from dwjax.errors import ConfigError
-
     if config.num_epochs < trained:
         raise ConfigError(
             f"--config.num_epochs={config.num_epochs} is fewer than the {trained} epochs this run "
