@@ -119,6 +119,24 @@ def run_config_stage(stage: str, main: Callable[[list[str]], None],
     app.run(main, flags_parser=parse)
 
 
+def run_workdir_stage(stage: str, core: Callable[..., object], what: str) -> None:
+    """`run_config_stage` for a stage whose only other flag is `--workdir` (`what` it must hold):
+    its main calls `core(config, workdir)`, the workdir defaulting to `$DWJAX_HOME/runs/k<k>`."""
+
+    def define_flags() -> None:
+        flags.DEFINE_string("workdir", None,
+                            f"{what} (default $DWJAX_HOME/runs/k<kernel_size>).")
+
+    def main(argv: list[str]) -> None:
+        del argv
+        setup()
+        with user_errors(stage):
+            config = stage_config()
+            core(config, FLAGS.workdir or paths.default_workdir(config.kernel_size or 5))
+
+    run_config_stage(stage, main, define_flags)
+
+
 def stage_config() -> ml_collections.ConfigDict:
     """The parsed `--config`, checked against `--kernel_size` when both name one."""
     config = FLAGS.config

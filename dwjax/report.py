@@ -21,11 +21,10 @@ import os
 from typing import Callable
 
 import ml_collections
-from absl import flags
 
 from dwjax import cli
 from dwjax.errors import RunDirError
-from dwjax.io import assignment_files, paths
+from dwjax.io import assignment_files
 from dwjax.io import workdir as workdir_lib
 from dwjax.views import page as page_lib
 from dwjax.views import sections, source_sections
@@ -109,21 +108,5 @@ def _layers(value: str) -> list[int]:
         raise sections.ReportError(f"--config.layers {value}: integers expected")
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    flags.DEFINE_string("workdir", None,
-                        "Run directory with assignments (default $DWJAX_HOME/runs/k<kernel_size>).")
-
-
-def main(argv):
-    del argv
-    cli.setup(uses_jax=True)
-    with cli.user_errors("report"):
-        config = cli.stage_config()
-        run(config, FLAGS.workdir or paths.default_workdir(config.kernel_size or 5))
-
-
 if __name__ == "__main__":
-    cli.run_config_stage("report", main, define_flags)
+    cli.run_workdir_stage("report", run, "Run directory with assignments")

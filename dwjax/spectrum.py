@@ -11,11 +11,10 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
-from absl import flags
 
 from dwjax import cli
 from dwjax.errors import ConfigError
-from dwjax.io import atomic, paths
+from dwjax.io import atomic
 from dwjax.io import workdir as workdir_lib
 from dwjax.model import decoder, preprocess, restore
 from dwjax.patterns import labels as labels_lib
@@ -62,21 +61,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             "templates_figure": bank_fig}
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    flags.DEFINE_string("workdir", None,
-                        "A training run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
-
-
-def main(argv):
-    del argv
-    cli.setup()
-    with cli.user_errors("spectrum"):
-        config = cli.stage_config()
-        run(config, FLAGS.workdir or paths.default_workdir(config.kernel_size or 5))
-
-
 if __name__ == "__main__":
-    cli.run_config_stage("spectrum", main, define_flags)
+    cli.run_workdir_stage("spectrum", run, "A training run directory")

@@ -190,8 +190,7 @@ _BUGGY_REPORT = """
 from dwjax import cli, report
 def broken(*args, **kwargs):
     raise ValueError("an internal bug")
-report.run = broken
-cli.run_config_stage("report", report.main, report.define_flags)
+cli.run_workdir_stage("report", broken, "Run directory")
 """
 
 

@@ -98,16 +98,23 @@ def test_a_diverging_run_stops_without_checkpointing_nan(data, tmp_path):
         d for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit()]
 
 
-def test_a_corrupted_checkpoint_is_refused_by_every_reader(data, trained, tmp_path):
+def _copy_with_params_files(trained: str, tmp_path) -> tuple[str, list[str]]:
+    """A copy of the trained run, and the array files of its latest checkpoint's params."""
     import shutil
 
     w = str(tmp_path / "w")
     shutil.copytree(trained, w)
     ckpt = os.path.join(w, "checkpoints")
     latest = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
+    return w, [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckpt, str(latest), "params"))
+               for f in fs]
+
+
+def test_a_corrupted_checkpoint_is_refused_by_every_reader(data, trained, tmp_path):
+
+    w, files = _copy_with_params_files(trained, tmp_path)
     # flip bytes inside an array file: orbax reads it, the digest does not match
-    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckpt, str(latest), "params"))
-             for f in fs if os.path.getsize(os.path.join(r, f)) > 2000]
+    files = [f for f in files if os.path.getsize(f) > 2000]
     target = max(files, key=os.path.getsize)
     with open(target, "r+b") as f:
         f.seek(os.path.getsize(target) // 2)
@@ -325,14 +332,8 @@ def test_fewer_epochs_than_trained_is_refused_and_more_extend_the_run(data, trai
 
 
 def test_a_truncated_checkpoint_is_one_line_on_stderr(data, trained, tmp_path):
-    import shutil
 
-    w = str(tmp_path / "w")
-    shutil.copytree(trained, w)
-    ckpt = os.path.join(w, "checkpoints")
-    latest = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
-    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckpt, str(latest), "params"))
-             for f in fs]
+    w, files = _copy_with_params_files(trained, tmp_path)
     target = max(files, key=os.path.getsize)
     os.truncate(target, os.path.getsize(target) // 2)
     # orbax's other reads still in flight when one fails used to print tracebacks into stderr,
