@@ -16,6 +16,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.method = config_dict.placeholder(str)      # autoencoder | kmeans; None: kmeans for 3×3
     c.threshold = config_dict.placeholder(float)  # None: the paper's (0.2 for 5×5, 0.3 for 7×7)
     c.num_codes = 10_000                          # evenly spaced codes searched (autoencoder)
+    # auto | brute | pruned: the nearest-code search (same rows on one backend; auto picks the
+    # faster for the backend and the curve, and says why)
+    c.search = "auto"
     c.format = "parquet"                          # parquet | csv
     c.kmeans = ml_collections.ConfigDict(dict(n_clusters=10, seed=0, max_fit=1_000_000))
     c.job = ml_collections.ConfigDict(dict(
@@ -24,5 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_workers=1,           # independent workers sharing the job (SLURM arrays, VMs) …
         worker_index=0,          # … each takes every num_workers-th part
         overwrite=False,         # redo assignments made with other settings
+        # accept a worker whose search (backend, method, tiles, jax) differs from the job's;
+        # each part then records its own
+        allow_mixed=False,
     ))
     return c

@@ -65,7 +65,7 @@ class AutoencoderClassifier:
     absent)."""
 
     def __init__(self, run: workdir_lib.RunDir, num_codes: int, threshold: float, chunk_size: int,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, method: str = "auto", sample=None):
         params, config = restore.load_params(run)
         self.kernel_size = k = int(config.kernel_size)
         slope = config.model.negative_slope
@@ -86,7 +86,10 @@ class AutoencoderClassifier:
         # This process's devices: each process of a multi-host job searches its own parts. One
         # compiled shape for every call, so no answer depends on how the job was cut into parts.
         self.search = nearest.Searcher(self.recon, k, mesh_lib.local_mesh(), chunk_size=chunk_size,
-                                       fixed_shape=True, log=log)
+                                       fixed_shape=True, method=method, sample=sample, log=log)
+        # how the rows were searched: other backends or methods may round near-ties differently
+        self.search_record = {"backend": self.search.backend, "method": self.search.method,
+                              "tile_m": self.search.tile_m, "jax": jax.__version__}
         with open(run.labels_json, "rb") as f:
             labels_sha = hashlib.sha256(f.read()).hexdigest()
         # the decoded codes identify the trained decoder (and the number of codes)
@@ -114,8 +117,9 @@ class AutoencoderClassifier:
 class KMeansClassifier:
     """The paper's 3×3 path: k-means (10 clusters, k-means++, seeded) on min-max-encoded kernels.
 
-    The centroids are fitted once on every live k×k kernel of `data_dir` (up to `max_fit` drawn with
-    the seed) and kept in `<workdir>/kmeans_k<k>.npz`; each cluster is named after the template-bank
+    The centroids are fitted once on the live k×k kernels of `data_dir` (up to `max_fit` of them
+    drawn with the seed, streamed from the shards: memory does not grow with the data) and kept in
+    `<workdir>/kmeans_k<k>.npz`; each cluster is named after the template-bank
     class nearest its centroid when that match is convincing, else "cluster <i>".
     """
 
@@ -128,10 +132,8 @@ class KMeansClassifier:
             with np.load(path) as z:
                 self.centroids, names = z["centroids"], [str(n) for n in z["names"]]
         else:
-            x = np.concatenate([kmeans.encode_valid(s.kernels)[0]
-                                for s in shards.iter_shards(data_dir, kernel_size)])
-            if len(x) > max_fit:
-                x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_fit, replace=False))]
+            x = kmeans.sample_valid([s.kernels for s in shards.iter_shards(data_dir, kernel_size)],
+                                    max_fit, seed, chunk_size)
             if len(x) < n_clusters:
                 raise AssignError(f"--data_dir {data_dir}: {len(x)} live "
                                   f"{kernel_size}x{kernel_size} kernels, fewer than {n_clusters} "
@@ -147,6 +149,8 @@ class KMeansClassifier:
         self.label_names = list(dict.fromkeys(names)) + [DEAD]
         self.cluster_label = np.array([self.label_names.index(n) for n in names], np.int32)
         centroids_sha = hashlib.sha256(np.asarray(self.centroids).tobytes()).hexdigest()
+        self.search_record = {"backend": jax.default_backend(), "method": "kmeans",
+                              "jax": jax.__version__}
         self.digests = {"centroids_sha256": centroids_sha}
 
     def _names(self, centroids: np.ndarray) -> list[str]:
@@ -267,7 +271,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
             raise AssignError(f"--workdir {workdir}: no trained autoencoder (config.json missing)")
         thr = default_threshold(k) if config.threshold is None else float(config.threshold)
         settings.update(threshold=thr, num_codes=config.num_codes)
-        clf = AutoencoderClassifier(rundir, config.num_codes, thr, job.chunk_size, log)
+        clf = AutoencoderClassifier(rundir, config.num_codes, thr, job.chunk_size, log,
+                                    method=config.search, sample=_sample(shard_list))
     else:
         if job.overwrite:  # refit on this data, not the centroids of an earlier job
             with contextlib.suppress(FileNotFoundError):
@@ -276,8 +281,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
         settings.update(kmeans=km.to_dict())
         clf = KMeansClassifier(rundir, data_dir, k, km.n_clusters, km.seed, km.max_fit, log=log)
     out_dir = rundir.assignments
-    assignment_files.check_settings(out_dir, {**settings, **clf.digests}, job.overwrite)
+    assignment_files.check_settings(out_dir, {**settings, **clf.digests}, job.overwrite,
+                                    clf.search_record, job.allow_mixed)
     atomic.clean_stale(out_dir)  # row files a killed worker left half-written
+    # each part says where it was searched; device kind and count never change a row
+    devices = jax.local_devices()
+    part_record = {**clf.search_record, "device_kind": devices[0].device_kind,
+                   "device_count": len(devices)}
     plan = assignment_files.plan_parts(shard_list, job.part_size)
     mine = plan[job.worker_index::job.num_workers]
     finished = [assignment_files.is_done(out_dir, p, k, config.format) for p in mine]
@@ -289,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
             log(f"{part.shard.source}{where}: already assigned, skipped")
             continue
         with assignment_files.open_part(out_dir, part, k, config.format, data_dir,
-                                        clf.label_names) as writer:
+                                        clf.label_names, part_record) as writer:
             _assign_part(clf, part, writer, block, progress)
         stats = writer.stats()
         log(f"{part.shard.source}{where}: {stats['clustered']:,}/{stats['kernels']:,} clustered "
@@ -306,9 +316,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     return {"complete": True, **assignment_files.write_summary(out_dir, k)}
 
 
+def _sample(shard_list: list[shards.Shard], n: int = 2048) -> np.ndarray:
+    """`[≤ n, k, k]` kernels spread evenly over the job's shards (the search method's evidence)."""
+    total = sum(len(s.kernels) for s in shard_list)
+    picks = []
+    for s in shard_list:
+        m = max(1, round(n * len(s.kernels) / max(total, 1)))
+        idx = np.unique(np.linspace(0, len(s.kernels) - 1, min(m, len(s.kernels))).astype(int))
+        picks.append(np.asarray(s.kernels[idx], np.float32))
+    return np.concatenate(picks)
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
     """Refuses values that cannot make a job, before anything is read or written."""
     job = config.job
+    if config.search not in nearest.METHODS:
+        raise ConfigError(f"--config.search {config.search!r}: expected one of "
+                          f"{', '.join(nearest.METHODS)}")
     if config.method not in (None, "autoencoder", "kmeans"):
         raise ConfigError(f"--config.method {config.method!r}: expected autoencoder or kmeans")
     if config.format not in assignment_files.FORMATS:

@@ -108,6 +108,7 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
                                                   mesh_lib.shard_steps(mesh, kernels))
                 losses.append(loss)
             losses = np.concatenate(jax.device_get(losses)).astype(np.float64)
+            dataset.release_pages()
             _check_finite(losses, epoch * steps_per_epoch, config)  # before any checkpoint
             rate = steps_per_epoch * config.batch_size / (time.perf_counter() - t0)
             step = (epoch + 1) * steps_per_epoch

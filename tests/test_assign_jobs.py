@@ -282,3 +282,39 @@ def test_arrow_columns_and_empty_rows(small_run):
     assert [len(c) for c in rows] == [0] * 6
     assert [c.dtype for c in rows] == [np.float64, np.float32, bool, np.int32, np.float32,
                                        np.float32]
+
+
+def test_a_worker_searching_another_way_is_refused_unless_mixing_is_allowed(small_run, tmp_path):
+    """settings.json records how the rows were searched; a worker on another backend or method
+    (simulated: the job's record says gpu/brute) is refused in one line naming both, before any
+    row is written; with allow_mixed it goes on and each part records its own search."""
+    import json
+
+    run, d, _ = small_run
+    w = _fresh(run, tmp_path / "w")
+    cfg = stage_config("assign", job__part_size=128, job__num_workers=2, job__worker_index=0)
+    assign.run(cfg, w, d, **QUIET)
+    out = os.path.join(w, "assignments")
+    path = assignment_files.settings_path(out)
+    with open(path) as f:
+        settings = json.load(f)
+    assert settings["search"]["backend"] == "cpu" and settings["search"]["method"] in (
+        "brute", "pruned")
+    settings["search"] = {**settings["search"], "backend": "gpu", "method": "brute"}
+    with open(path, "w") as f:
+        json.dump(settings, f)
+    before = sorted(os.listdir(out))
+    second = stage_config("assign", job__part_size=128, job__num_workers=2, job__worker_index=1)
+    p = subprocess.run(_assign_cmd(w, d, "--config.job.num_workers=2",
+                                   "--config.job.worker_index=1"),
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "backend gpu" in p.stderr and "backend cpu" in p.stderr and "allow_mixed" in p.stderr
+    assert sorted(os.listdir(out)) == before
+    second.job.allow_mixed = True
+    summary = assign.run(second, w, d, **QUIET)
+    assert summary["complete"] and summary["kernels"] == 900
+    records = [json.load(open(os.path.join(out, "_meta", f)))["search"]
+               for f in os.listdir(os.path.join(out, "_meta")) if ".k5x5" in f]
+    assert len(records) == 9 and {r["backend"] for r in records} == {"cpu"}
+    assert all(r["device_count"] >= 1 and r["device_kind"] for r in records)

@@ -101,3 +101,24 @@ def test_assign_matches_numpy():
         assert cl.dtype == np.int32 and dist.dtype == np.float32
         np.testing.assert_array_equal(cl[clear], ref[clear])
         np.testing.assert_allclose(dist, rdist, atol=1e-5)
+
+
+def test_streamed_sample_equals_the_concatenated_draw(tmp_path):
+    """The 3×3 fit set, read chunk by chunk from memory-mapped arrays, is the very rows the
+    whole-array path drew: all live kernels below max_fit, the seeded draw above it."""
+    rng = np.random.default_rng(1)
+    arrays = []
+    for i, n in enumerate((1000, 37, 2500)):
+        a = rng.normal(size=(n, 3, 3)).astype(np.float32)
+        a[::97] = 0.5  # dead (constant) kernels the draw must skip
+        path = str(tmp_path / f"a{i}.npy")
+        np.save(path, a)
+        arrays.append(np.load(path, mmap_mode="r"))
+    whole = np.concatenate([kmeans.encode_valid(a)[0] for a in arrays])
+    for max_fit in (10, 1234, len(whole), 10 ** 6):
+        expect = whole
+        if len(whole) > max_fit:
+            expect = whole[np.sort(np.random.default_rng(3).choice(len(whole), max_fit,
+                                                                    replace=False))]
+        got = kmeans.sample_valid(arrays, max_fit, seed=3, chunk_size=256)
+        np.testing.assert_array_equal(got, expect)

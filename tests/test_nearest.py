@@ -317,3 +317,27 @@ def test_stream_is_the_whole_search_cut_at_any_rows_and_keeps_memory_flat(tmp_pa
     cow[:] = 0.0
     shards.release_pages(cow, 0, len(cow))
     assert not cow.any()
+
+
+def test_auto_takes_brute_force_where_the_bound_would_keep_every_tile():
+    """A degenerate decoder (every code decodes to nearly one kernel) has a tiny cap radius yet
+    the bound prunes nothing: the job's own kernels show it, and auto picks brute force; on a
+    smooth curve with kernels near it the same evidence keeps the pruned search."""
+    rng = np.random.default_rng(7)
+    k = 5
+    one = template_curve(k, 1, seed=1)
+    flat = np.repeat(one, 10_000, axis=0) + 1e-4 * rng.standard_normal((10_000, k * k - 1))
+    flat = (flat / np.linalg.norm(flat, axis=1, keepdims=True)).astype(np.float32)
+    sample = curve_kernels(template_curve(k, 10_000, seed=2), 512, seed=3)
+    tables = nearest.pruned_tables(nearest.tiles(flat, 64))
+    assert float(tables.radius) < nearest.PRUNED_MAX_RADIUS  # the radius alone says "pruned"
+    visits = nearest.pruned_visit_fraction(tables, sample, 64)
+    assert visits > 0.9
+    lines = []
+    search = nearest.Searcher(flat, k, method="auto", sample=sample, log=lines.append)
+    assert search.method == "brute" and "tiles visited" in lines[0]
+    curve = template_curve(k, 10_000, seed=2)
+    near = nearest.pruned_visit_fraction(nearest.pruned_tables(nearest.tiles(curve, 64)),
+                                         sample, 64)
+    assert near < nearest.PRUNED_MAX_VISITS
+    assert nearest.Searcher(curve, k, method="auto", sample=sample).method == "pruned"

@@ -101,7 +101,7 @@ def is_done(out_dir: str, part: Part, k: int, fmt: str) -> bool:
 # ----------------------------------------------------------------------------- writing a part
 @contextlib.contextmanager
 def open_part(out_dir: str, part: Part, k: int, fmt: str, data_dir: str,
-              label_names: Sequence[str]) -> Iterator["PartWriter"]:
+              label_names: Sequence[str], search: dict | None = None) -> Iterator["PartWriter"]:
     """A `PartWriter` for one part: its row file and statistics appear only when the block exits
     without an error; otherwise nothing of the part is left."""
     with atomic.atomic_path(rows_path(out_dir, part, k, fmt)) as tmp:
@@ -110,7 +110,7 @@ def open_part(out_dir: str, part: Part, k: int, fmt: str, data_dir: str,
             yield writer
             writer.finish()
         # statistics first: the row file, renamed last, is the completion marker
-        atomic.write_json(stats_path(out_dir, part, k), writer.stats())
+        atomic.write_json(stats_path(out_dir, part, k), {**writer.stats(), "search": search})
 
 
 class PartWriter:
@@ -140,6 +140,8 @@ class PartWriter:
         n = len(rows.code)
         meta = self.part.shard.meta[a:a + n]
         layer = np.asarray(meta["layer"], np.int32)
+        channel = np.asarray(meta["channel"], np.int32)
+        shards.release_pages(self.part.shard.meta, a, a + n)  # as the search does kernel pages
         layer_pos = np.searchsorted(self.layer_ids, layer).astype(np.int32)
         rows = rows.typed()
         width = len(self.label_names)
@@ -148,7 +150,7 @@ class PartWriter:
         self.clustered += np.bincount(layer_pos, weights=rows.clustered,
                                       minlength=len(self.layer_ids)).astype(np.int64)
         where = assignment_rows.Where(self.part.shard.source, self.k, layer, layer_pos,
-                                      self.layer_names, np.asarray(meta["channel"], np.int32))
+                                      self.layer_names, channel)
         self._write(where, rows)
         self.rows += n
 
@@ -194,24 +196,43 @@ class PartWriter:
 
 
 # ----------------------------------------------------------------------------- settings, summary
-def check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
-    """Refuses to mix rows made with other settings unless `overwrite` (which clears them).
+def check_settings(out_dir: str, settings: dict, overwrite: bool, search: dict | None = None,
+                   allow_mixed: bool = False) -> None:
+    """Refuses to mix rows made with other settings unless `overwrite` (which clears them), and
+    rows searched another way (`search`: backend, method, tiles, jax version) unless
+    `allow_mixed`: near-ties may round differently there.
 
     Check and write happen under one lock, so two jobs started together agree on what is there.
     """
     with locks.exclusive(os.path.join(os.path.dirname(out_dir), ".assign.lock"),
                          "an assignment settings check"):
-        _check_settings(out_dir, settings, overwrite)
+        _check_settings(out_dir, {**settings, "search": search}, overwrite, allow_mixed)
 
 
-def _check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
+def _describe(search: dict | None) -> str:
+    if not search:
+        return "an unrecorded search"
+    return ", ".join(f"{k} {v}" for k, v in search.items())
+
+
+def _check_settings(out_dir: str, settings: dict, overwrite: bool, allow_mixed: bool) -> None:
     path = settings_path(out_dir)
     if os.path.exists(path) and not overwrite:
         old = _read_json(path)
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        rows_old = {k: v for k, v in old.items() if k != "search"}
+        rows_new = {k: v for k, v in settings.items() if k != "search"}
+        if rows_old != rows_new:
+            diff = sorted(k for k in set(rows_old) | set(rows_new)
+                          if rows_old.get(k) != rows_new.get(k))
             raise AssignmentsError(f"{out_dir}: existing assignments were made with other "
-                                   f"settings ({', '.join(diff)}); pass --overwrite to redo them")
+                                   f"settings ({', '.join(diff)}); pass "
+                                   "--config.job.overwrite=true to redo them")
+        if old.get("search") != settings["search"] and not allow_mixed:
+            raise AssignmentsError(
+                f"{out_dir}: the job's rows were searched with {_describe(old.get('search'))}; "
+                f"this worker would use {_describe(settings['search'])} (near-ties may round "
+                "differently); run it where the job started, or pass "
+                "--config.job.allow_mixed=true (each part then records its own search)")
     if overwrite and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     if not os.path.exists(path) or overwrite:

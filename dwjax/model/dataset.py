@@ -1,7 +1,8 @@
 """Training data streamed from memory-mapped kernel shards.
 
-Kernels stay on disk (np.memmap); only the valid-kernel index (int64 per kernel) and one batch at a
-time are held in host memory, so a million kernels are not held twice. Every epoch is a fresh
+Kernels stay on disk (np.memmap); only the valid-kernel index (int64 per kernel) and one stack of
+batches at a time are held in host memory, and pages read are released every epoch, so a large
+dataset is not held twice. Every epoch is a fresh
 permutation drawn from (seed, epoch): a resumed run sees exactly the batches an uninterrupted one
 does.
 """
@@ -41,6 +42,7 @@ class KernelDataset:
         for s, off in zip(self.shards, self.offsets[:-1]):
             for i in range(0, len(s.kernels), scan_chunk):
                 mask = preprocess.valid_mask(s.kernels[i:i + scan_chunk])
+                shards.release_pages(s.kernels, i, i + scan_chunk)
                 parts.append(off + i + np.flatnonzero(mask))
         self.valid_index = np.concatenate(parts).astype(np.int64)
         self.num_total = int(self.offsets[-1])
@@ -68,6 +70,12 @@ class KernelDataset:
             sel = shard_of == s
             out[sel] = self.shards[s].kernels[flat[sel] - self.offsets[s]]
         return out.reshape(*index.shape, self.kernel_size, self.kernel_size)
+
+    def release_pages(self) -> None:
+        """Drops the shard pages read so far from this process's resident memory (the page cache
+        keeps them): without it a run's resident set grows to the whole dataset over an epoch."""
+        for s in self.shards:
+            shards.release_pages(s.kernels, 0, len(s.kernels))
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int):
         """Yields `(step_in_epoch, global index [batch_size])`; the last partial batch is

@@ -13,12 +13,14 @@ ties by centroid lexicographic) so cluster ids are stable across runs.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dwjax.io import shards
 from dwjax.model import preprocess
 
 DEFAULT_CHUNK = 65536
@@ -45,6 +47,40 @@ def encode_valid(kernels) -> tuple[np.ndarray, np.ndarray]:
     dropped."""
     valid = preprocess.valid_mask(kernels)
     return minmax_encode(kernels)[valid], valid
+
+
+def sample_valid(arrays: Sequence, max_fit: int, seed: int,
+                 chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
+    """The min-max codes `[n, k*k]` of up to `max_fit` live kernels of `arrays` (each `[N_i, k, k]`,
+    e.g. memory-mapped shards), read `chunk_size` rows at a time: memory O(max_fit + chunk), not
+    O(ΣN_i).
+
+    The same rows as `encode_valid` of all arrays concatenated, then (when more than `max_fit`)
+    the sorted draw `default_rng(seed).choice(n, max_fit, replace=False)`: one pass counts the live
+    kernels, a second gathers the drawn ones.
+    """
+    def chunks():
+        for a in arrays:
+            for start in range(0, len(a), chunk_size):
+                yield a, start, min(start + chunk_size, len(a))
+
+    n = 0
+    for a, start, stop in chunks():
+        n += int(preprocess.valid_mask(a[start:stop]).sum())
+        shards.release_pages(a, start, stop)
+    pick = (np.sort(np.random.default_rng(seed).choice(n, max_fit, replace=False))
+            if n > max_fit else None)
+    out, offset = [], 0
+    for a, start, stop in chunks():
+        x, _ = encode_valid(a[start:stop])
+        shards.release_pages(a, start, stop)
+        m = len(x)
+        if pick is not None:
+            lo, hi = np.searchsorted(pick, [offset, offset + m])
+            x = x[pick[lo:hi] - offset]
+        offset += m
+        out.append(x)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 # --------------------------------------------------------------------------- pure jit-able pieces

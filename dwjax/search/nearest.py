@@ -78,7 +78,8 @@ from dwjax.io import shards
 from dwjax.model import mesh as mesh_lib
 from dwjax.model import preprocess
 from dwjax.search.device_programs import (  # TIE_TOL: part of this module's API
-    TIE_TOL, nearest_block, pruned_search, pruned_tables, tiles)  # noqa: F401
+    BLOCK, SUB_M, TIE_TOL, PrunedTables, nearest_block, pruned_search, pruned_tables,  # noqa: F401
+    tiles)
 
 DEFAULT_CHUNK = 32768
 # Rows per tile, per backend: on CPU the best of the sizes tried (`python -m dwjax.bench`); 128 is
@@ -94,6 +95,9 @@ METHODS = ("auto", "brute", "pruned")
 # of where the two break even on a curve of DoG-family templates (BENCHMARKS.md).
 PRUNED_MIN_M = 6000
 PRUNED_MAX_RADIUS = 0.04
+# Above this share of tiles visited (pruned_visit_fraction) the bound's pass and the block loop
+# cost more than they save.
+PRUNED_MAX_VISITS = 0.5
 # Rows per device of one compiled call: with ≥ 2 rows XLA:CPU runs every GEMM through its blocked
 # kernel; a 1-row product takes a matrix-vector path that rounds differently (see docstring).
 MIN_DEVICE_ROWS = 8
@@ -183,9 +187,10 @@ def _chunk_rows(n: int, chunk_size: int, n_dev: int) -> int:
     return c
 
 
-def choose_method(backend: str, n: int, m: int, radius: float | None = None) -> str:
+def choose_method(backend: str, n: int, m: int, radius: float | None = None,
+                  visit_fraction: float | None = None) -> str:
     """"brute" or "pruned" for N kernels against M reconstructions on `backend` ("cpu", "gpu",
-    "tpu"), from timing both with `python -m dwjax.bench`:
+    "tpu"):
 
       * GPU/TPU: brute force. Its fused GEMM is what accelerators are built for, and the pruned
         search's sequential per-block loop of small GEMMs would leave most of the chip idle (not
@@ -195,13 +200,49 @@ def choose_method(backend: str, n: int, m: int, radius: float | None = None) -> 
       * CPU, `radius` (the median sub-tile cap radius, `PrunedTables.radius`) ≥ PRUNED_MAX_RADIUS:
         brute force: the rows are too far apart along the curve, or form no curve at all (random
         rows: ~1.7 rad), and the bound prunes too little.
+      * CPU, `visit_fraction` (`pruned_visit_fraction` on a sample of the job's kernels) above
+        PRUNED_MAX_VISITS: brute force: the bound would keep most tiles (a degenerate curve whose
+        codes all decode alike has radius ~0 and yet prunes nothing).
       * CPU otherwise: pruned (N does not matter: both compile once per chunk shape).
     """
     if backend != "cpu" or m < PRUNED_MIN_M:
         return "brute"
     if radius is not None and radius >= PRUNED_MAX_RADIUS:
         return "brute"
+    if visit_fraction is not None and visit_fraction > PRUNED_MAX_VISITS:
+        return "brute"
     return "pruned"
+
+
+def pruned_visit_fraction(tables: PrunedTables, kernels, tile_m: int) -> float:
+    """The share of tiles the pruned search would visit for `kernels [n, k, k]` (a sample of a
+    job), estimated on the host: each kernel's kept sub-tiles by the cap bound (without the
+    rounding slack), united over blocks of BLOCK kernels sorted by best tile as the search does.
+    Near 1: the bound prunes nothing and brute force is cheaper."""
+    kernels = np.asarray(kernels, np.float32)
+    live = preprocess.valid_mask(kernels)
+    if not live.any():
+        return 1.0
+    k = kernels.shape[-1]
+    x = np.asarray(preprocess.embed(kernels[live], preprocess.hyperplane_basis(k)), np.float64)
+    reps = np.asarray(tables.reps, np.float64)
+    p = x @ reps.T
+    lb, best = p.max(axis=1), p.argmax(axis=1)
+    caps = np.asarray(tables.caps, np.float64)
+    centre, cos_r, sin_r = caps[:, :-2], -caps[:, -2], caps[:, -1]
+    always = ~caps.any(axis=1)
+    cos_t = np.clip(x @ centre.T, -1.0, 1.0)
+    sin_t = np.sqrt(1.0 - cos_t ** 2)
+    inside = cos_t >= cos_r  # θ ≤ ρ
+    bound = np.where(inside, 1.0, cos_t * cos_r + sin_t * sin_r)
+    kept = (bound >= lb[:, None] - TIE_TOL) | always
+    per_tile = max(1, tile_m // SUB_M)
+    kept_tiles = kept[:, : (kept.shape[1] // per_tile) * per_tile]
+    kept_tiles = kept_tiles.reshape(len(x), -1, per_tile).any(axis=2)
+    order = np.argsort(best, kind="stable")
+    visits = [kept_tiles[order[i:i + BLOCK]].any(axis=0).mean()
+              for i in range(0, len(order), BLOCK)]
+    return float(np.mean(visits))
 
 
 def default_tile_m(backend: str) -> int:
@@ -242,13 +283,14 @@ class Searcher:
     the pruning tables and the method choice are built here, each call only streams kernels.
 
     `fixed_shape=True` runs every call at the full `chunk_size` shape (padding small calls), so a
-    kernel's answer does not depend on how a job was cut into calls.
+    kernel's answer does not depend on how a job was cut into calls. `sample` (`[n, k, k]`, some of
+    the job's kernels) lets "auto" check that the pruned search would actually skip tiles.
     """
 
     def __init__(self, recon, kernel_size: int, mesh: Mesh | None = None, *,
                  method: str = "auto", tile_m: int | None = None,
                  chunk_size: int = DEFAULT_CHUNK, inflight: int = 2, fixed_shape: bool = False,
-                 log=None):
+                 sample=None, log=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         k = kernel_size
@@ -269,8 +311,12 @@ class Searcher:
             if method == "pruned":
                 tables = pruned_tables(r_host)
                 radius = float(tables.radius)
-                method = choose_method(backend, 0, self.m, radius)
+                visits = (None if sample is None or radius >= PRUNED_MAX_RADIUS
+                          else pruned_visit_fraction(tables, sample, tile_m))
+                method = choose_method(backend, 0, self.m, radius, visits)
                 why = f"median cap radius {radius:.3f} rad"
+                if visits is not None:
+                    why += f", {visits:.0%} of tiles visited on a sample of {len(sample)} kernels"
             else:
                 why = f"backend {backend}, M = {self.m}"
             if log is not None:
@@ -278,7 +324,7 @@ class Searcher:
                     f"{mesh.size} device(s))")
         if method == "pruned" and tables is None:
             tables = pruned_tables(r_host)
-        self.method = method
+        self.method, self.backend = method, backend
         self.tables = None if method == "brute" else jax.device_put(tables, rep)
         self.basis = jax.device_put(preprocess.hyperplane_basis(k), rep)
         self.fn = _compiled(mesh, self.m, method)
