@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from dwjax import convert
 from dwjax.io import sources
@@ -33,3 +34,12 @@ def stage_config(stage: str, arg: str | None = None, **fields):
             node = node[p]
         node[leaf] = value
     return config
+
+
+
+# Tests of a property of XLA:CPU (its GEMMs round alike whatever the shapes, so the pruned search
+# equals brute force bit for bit; auto picks the pruned search there): skipped on accelerators,
+# where `launch/device_check.sh` runs everything else. The condition is evaluated at setup, so
+# collecting tests does not start a jax backend.
+cpu_only = pytest.mark.skipif("__import__('jax').default_backend() != 'cpu'",
+                              reason="asserts a property of the CPU backend")

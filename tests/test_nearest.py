@@ -19,6 +19,7 @@ import pytest
 from dwjax.io import shards
 from dwjax.model import preprocess
 from dwjax.search import device_programs, nearest
+from tests.helpers import cpu_only
 from tests.reference import curve_kernels, nearest_codes_reference, similarities, template_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,6 +194,7 @@ def _kernels(coords, k):
     return (2.5 * flat + 0.3).reshape(-1, k, k).astype(np.float32)
 
 
+@cpu_only
 @pytest.mark.parametrize("k", [5, 7])
 def test_pruned_equals_brute_on_a_decoder_curve(k):
     """10,000 codes on a smooth curve, near-curve and random kernels: identical, near-ties included
@@ -209,6 +211,7 @@ def test_pruned_equals_brute_on_a_decoder_curve(k):
     assert nearest.choose_method("cpu", len(kern), len(recon), radius) == "pruned"
 
 
+@cpu_only
 def test_pruned_adversarial():
     """Inputs built to catch a pruning or tie mistake; pruned and brute force must agree. One batch
     of 32 kernels throughout (one compiled shape per M)."""
@@ -247,6 +250,7 @@ def test_pruned_adversarial():
     np.testing.assert_allclose(d, rd, atol=1e-5, rtol=0)
 
 
+@cpu_only
 def test_pruned_bound_is_sound_and_prunes():
     """Every sub-tile the bound drops holds no row within TIE_TOL of the kernel's lower bound (so
     none that either method could pick), on the curve and on random rows; on the curve it drops
@@ -273,6 +277,7 @@ def test_pruned_bound_is_sound_and_prunes():
         assert dropped.mean() >= must_prune, dropped.mean()
 
 
+@cpu_only
 def test_choose_method():
     assert nearest.choose_method("gpu", 10 ** 6, 10_000, 0.01) == "brute"
     assert nearest.choose_method("tpu", 10 ** 6, 10_000) == "brute"
@@ -319,6 +324,7 @@ def test_stream_is_the_whole_search_cut_at_any_rows_and_keeps_memory_flat(tmp_pa
     assert not cow.any()
 
 
+@cpu_only
 def test_auto_takes_brute_force_where_the_bound_would_keep_every_tile():
     """A degenerate decoder (every code decodes to nearly one kernel) has a tiny cap radius yet
     the bound prunes nothing: the job's own kernels show it, and auto picks brute force; on a

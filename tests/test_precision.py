@@ -1,5 +1,7 @@
-"""Every dot product the assignment runs is float32 at HIGHEST precision, so CPU, GPU and TPU give
-the same assignments (TPU/GPU would otherwise run DEFAULT-precision dots as bf16 passes).
+"""Every dot product the assignment runs is float32 at HIGHEST precision on every backend (TPU/GPU
+would otherwise run DEFAULT-precision dots as bf16 passes). That keeps backends within float32
+rounding of each other; it does not make their rows equal on near-ties (BUILD_NOTES, "Nearest-code
+search": settings.json records the backend and refuses to mix).
 
 `assert_highest_precision(text)` checks a lowered program's text and is meant for reuse: e.g. the
 train step, `assert_highest_precision(jax.jit(step).lower(*args).as_text())`.
