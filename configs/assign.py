@@ -27,6 +27,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_workers=1,           # independent workers sharing the job (SLURM arrays, VMs) …
         worker_index=0,          # … each takes every num_workers-th part
         overwrite=False,         # redo assignments made with other settings
+        # host threads: chunks read ahead of the devices on all but one, part files written on
+        # one; 0: the machine's cores, 1: everything in the calling thread. Never changes a row.
+        threads=0,
         # accept a worker whose search (backend, method, tiles, jax) differs from the job's;
         # each part then records its own
         allow_mixed=False,

@@ -18,6 +18,7 @@ of one JAX job.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import hashlib
@@ -65,7 +66,8 @@ class AutoencoderClassifier:
     absent)."""
 
     def __init__(self, run: workdir_lib.RunDir, num_codes: int, threshold: float, chunk_size: int,
-                 log: Callable[[str], None] = print, method: str = "auto", sample=None):
+                 log: Callable[[str], None] = print, method: str = "auto", sample=None,
+                 readers: int = 1):
         params, config = restore.load_params(run)
         self.kernel_size = k = int(config.kernel_size)
         slope = config.model.negative_slope
@@ -86,7 +88,8 @@ class AutoencoderClassifier:
         # This process's devices: each process of a multi-host job searches its own parts. One
         # compiled shape for every call, so no answer depends on how the job was cut into parts.
         self.search = nearest.Searcher(self.recon, k, mesh_lib.local_mesh(), chunk_size=chunk_size,
-                                       fixed_shape=True, method=method, sample=sample, log=log)
+                                       fixed_shape=True, method=method, sample=sample,
+                                       readers=readers, log=log)
         # how the rows were searched: other backends or methods may round near-ties differently
         self.search_record = {"backend": self.search.backend, "method": self.search.method,
                               "tile_m": self.search.tile_m, "jax": jax.__version__}
@@ -219,21 +222,39 @@ class _Progress:
 
 
 def _assign_part(clf, part: assignment_files.Part, writer: assignment_files.PartWriter,
-                 block: int, progress: _Progress) -> None:
+                 block: int, progress: _Progress,
+                 write_pool: concurrent.futures.Executor | None) -> None:
     """Streams one part to its file: rows are gathered into blocks of at least `block` (one
-    Parquet row group each) and written while the devices search on; memory depends on the
-    block, not on the shard."""
+    Parquet row group each) and written, on `write_pool`'s thread when given, while the devices
+    search on; memory depends on the block, not on the shard."""
     held: list[Rows] = []
-    n_held = 0
-    for rows in clf.stream(part.shard.kernels, part.start, part.stop):
-        held.append(rows)
-        n_held += len(rows.code)
-        progress.update(part, writer.rows + n_held, len(rows.code))
-        if n_held >= block:
-            writer.write(Rows.concat(held))
-            held, n_held = [], 0
-    if held:
-        writer.write(Rows.concat(held))
+    n_held = done = 0
+    writes: collections.deque = collections.deque()
+
+    def flush() -> None:
+        rows = Rows.concat(held)
+        if write_pool is None:
+            writer.write(rows)
+            return
+        writes.append(write_pool.submit(writer.write, rows))
+        while len(writes) > 2:  # bounded: memory stays a few blocks
+            writes.popleft().result()
+
+    try:
+        for rows in clf.stream(part.shard.kernels, part.start, part.stop):
+            held.append(rows)
+            n_held += len(rows.code)
+            progress.update(part, done + n_held, len(rows.code))
+            if n_held >= block:
+                flush()
+                done += n_held
+                held, n_held = [], 0
+        if held:
+            flush()
+    finally:  # the part's file closes only after its last block is written (or has failed)
+        concurrent.futures.wait(writes)
+    for w in writes:
+        w.result()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None, *,
@@ -272,7 +293,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
         thr = default_threshold(k) if config.threshold is None else float(config.threshold)
         settings.update(threshold=thr, num_codes=config.num_codes)
         clf = AutoencoderClassifier(rundir, config.num_codes, thr, job.chunk_size, log,
-                                    method=config.search, sample=_sample(shard_list))
+                                    method=config.search, sample=_sample(shard_list),
+                                    readers=_threads(job) - 1)
     else:
         if job.overwrite:  # refit on this data, not the centroids of an earlier job
             with contextlib.suppress(FileNotFoundError):
@@ -293,17 +315,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     finished = [assignment_files.is_done(out_dir, p, k, config.format) for p in mine]
     progress = _Progress(sum(p.stop - p.start for p, f in zip(mine, finished) if not f), log)
     block = max(1, job.chunk_size) * 4  # rows per Parquet row group (at least; whole chunks)
-    for part, already in zip(mine, finished):
-        where = "" if part.whole else f" rows [{part.start:,}, {part.stop:,})"
-        if already:
-            log(f"{part.shard.source}{where}: already assigned, skipped")
-            continue
-        with assignment_files.open_part(out_dir, part, k, config.format, data_dir,
-                                        clf.label_names, part_record) as writer:
-            _assign_part(clf, part, writer, block, progress)
-        stats = writer.stats()
-        log(f"{part.shard.source}{where}: {stats['clustered']:,}/{stats['kernels']:,} clustered "
-            f"({100 * stats['clustered'] / max(1, stats['kernels']):.1f}%)")
+    # one writer thread: a part's blocks stay in order, and pyarrow writes without the GIL
+    with contextlib.ExitStack() as stack:
+        write_pool = (stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+                      if _threads(job) > 1 else None)
+        for part, already in zip(mine, finished):
+            where = "" if part.whole else f" rows [{part.start:,}, {part.stop:,})"
+            if already:
+                log(f"{part.shard.source}{where}: already assigned, skipped")
+                continue
+            with assignment_files.open_part(out_dir, part, k, config.format, data_dir,
+                                            clf.label_names, part_record) as writer:
+                _assign_part(clf, part, writer, block, progress, write_pool)
+            stats = writer.stats()
+            log(f"{part.shard.source}{where}: {stats['clustered']:,}/{stats['kernels']:,} "
+                f"clustered ({100 * stats['clustered'] / max(1, stats['kernels']):.1f}%)")
     if wait_for_workers is not None:
         wait_for_workers()
         if job.worker_index != 0:
@@ -314,6 +340,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
         return {"complete": False, "parts_done": done, "parts_total": len(plan)}
     assignment_files.remove_stale(out_dir, plan, k)
     return {"complete": True, **assignment_files.write_summary(out_dir, k)}
+
+
+def _threads(job: ml_collections.ConfigDict) -> int:
+    """Host threads of the job: `job.threads`, or the machine's cores when 0."""
+    return job.threads or os.cpu_count() or 1
 
 
 def _sample(shard_list: list[shards.Shard], n: int = 2048) -> np.ndarray:
@@ -353,6 +384,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if job.num_workers < 1 or not 0 <= job.worker_index < job.num_workers:
         raise ConfigError(f"--config.job.worker_index {job.worker_index}: must be in [0, "
                           f"--config.job.num_workers {job.num_workers})")
+    if job.threads < 0:
+        raise ConfigError(f"--config.job.threads {job.threads}: must be ≥ 0 (0: every core)")
     if job.overwrite and job.num_workers > 1:
         raise ConfigError("--config.job.overwrite: not with several workers (it clears their "
                           "rows); run it once alone")

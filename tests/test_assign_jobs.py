@@ -318,3 +318,19 @@ def test_a_worker_searching_another_way_is_refused_unless_mixing_is_allowed(smal
                for f in os.listdir(os.path.join(out, "_meta")) if ".k5x5" in f]
     assert len(records) == 9 and {r["backend"] for r in records} == {"cpu"}
     assert all(r["device_count"] >= 1 and r["device_kind"] for r in records)
+
+
+def test_rows_are_byte_equal_with_and_without_the_host_threads(small_run, tmp_path):
+    """Reading ahead on worker threads and writing parts on a writer thread move bytes, never
+    change them: the same files as everything in one thread."""
+    run, d, _ = small_run
+    files = {}
+    for threads in (1, 4):
+        w = _fresh(run, tmp_path / f"t{threads}")
+        cfg = stage_config("assign", job__threads=threads, job__chunk_size=64,
+                           job__part_size=128)
+        assign.run(cfg, w, d, **QUIET)
+        out = os.path.join(w, "assignments")
+        files[threads] = {f: open(os.path.join(out, f), "rb").read()
+                          for f in sorted(os.listdir(out)) if f.endswith(".parquet")}
+    assert len(files[1]) == 9 and files[1] == files[4]

@@ -65,7 +65,9 @@ NaN, per preprocess's convention; callers filter on `idx >= 0`. `dis` is clipped
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
+import itertools
 from typing import Iterator, NamedTuple
 
 import jax
@@ -278,6 +280,28 @@ def nearest_codes(kernels, recon, chunk_size: int = DEFAULT_CHUNK, mesh: Mesh | 
     return searcher(kernels)
 
 
+class _Readers:
+    """Reads chunks on `n` worker threads (page faults and copies overlap the devices and the
+    caller's writing: numpy copies release the GIL), or inline when n is 0."""
+
+    def __init__(self, n: int):
+        self.pool = concurrent.futures.ThreadPoolExecutor(n) if n > 0 else None
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(fn(*args))
+        return done
+
+    def __enter__(self) -> "_Readers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Searcher:
     """`nearest_codes` prepared once for many calls against the same reconstructions: the tiles,
     the pruning tables and the method choice are built here, each call only streams kernels.
@@ -285,12 +309,13 @@ class Searcher:
     `fixed_shape=True` runs every call at the full `chunk_size` shape (padding small calls), so a
     kernel's answer does not depend on how a job was cut into calls. `sample` (`[n, k, k]`, some of
     the job's kernels) lets "auto" check that the pruned search would actually skip tiles.
+    `readers` threads read the next chunks ahead (0: in the calling thread).
     """
 
     def __init__(self, recon, kernel_size: int, mesh: Mesh | None = None, *,
                  method: str = "auto", tile_m: int | None = None,
                  chunk_size: int = DEFAULT_CHUNK, inflight: int = 2, fixed_shape: bool = False,
-                 sample=None, log=None):
+                 sample=None, readers: int = 1, log=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         k = kernel_size
@@ -298,7 +323,7 @@ class Searcher:
         if recon.ndim != 2 or recon.shape[1] != k * k - 1 or len(recon) == 0:
             raise ValueError(f"recon must be [M, {k * k - 1}] with M > 0; got {recon.shape}")
         self.k, self.m, self.chunk_size, self.inflight = k, len(recon), chunk_size, inflight
-        self.fixed_shape = fixed_shape
+        self.fixed_shape, self.readers = fixed_shape, readers
         self.mesh = mesh = mesh_lib.data_mesh() if mesh is None else mesh
         backend = mesh.devices.flat[0].platform
         self.tile_m = tile_m = default_tile_m(backend) if tile_m is None else int(tile_m)
@@ -366,14 +391,24 @@ class Searcher:
                          np.where(valid, d_c, DEAD_DISSIMILARITY).astype(np.float32),
                          raw_sum, raw_norm)
 
-        for a in range(start, stop, c):
+        def read(a: int) -> tuple[int, int, np.ndarray]:
             host = np.asarray(kernels[a:min(a + c, stop)], np.float32).reshape(-1, k, k)
             rows = len(host)
             if rows < c:  # pad the last chunk: one compiled shape; padded rows are dropped
                 host = np.concatenate([host, np.zeros((c - rows, k, k), np.float32)])
-            pending.append((a, rows, host, self.fn(_put(self.mesh, host), self.r_tiles,
-                                                   self.basis, self.tables)))
-            if len(pending) > self.inflight:
-                yield drain()
+            return a, rows, host
+
+        starts = iter(range(start, stop, c))
+        with _Readers(self.readers) as readers:
+            ahead = collections.deque(readers.submit(read, a)
+                                      for a in itertools.islice(starts, self.inflight + 1))
+            while ahead:
+                a, rows, host = ahead.popleft().result()
+                for nxt in itertools.islice(starts, 1):
+                    ahead.append(readers.submit(read, nxt))
+                pending.append((a, rows, host, self.fn(_put(self.mesh, host), self.r_tiles,
+                                                       self.basis, self.tables)))
+                if len(pending) > self.inflight:
+                    yield drain()
         while pending:
             yield drain()
