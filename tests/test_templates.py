@@ -21,9 +21,10 @@ def _embed(x):
 
 
 def test_class_names():
-    assert T.class_names(7) == DOG_CLASSES + ["Others"]
-    assert T.class_names(5) == DOG_CLASSES + ["On-Square", "Off-Square", "Others"]
-    assert T.class_names(3) == DOG_CLASSES + ["Others"]
+    # Stable order: an assignment's label dictionary indexes into it.
+    assert T.class_names(7) == DOG_CLASSES + ["High-frequency", "Others"]
+    assert T.class_names(5) == DOG_CLASSES + ["On-Square", "Off-Square", "High-frequency", "Others"]
+    assert T.class_names(3) == DOG_CLASSES + ["High-frequency", "Others"]
     for bad in (4, 1, 7.0):
         with pytest.raises(ValueError):
             T.class_names(bad)
@@ -40,7 +41,8 @@ def test_bank_is_finite_valid_and_covers_every_class(k):
     assert np.all(np.isfinite(kernels))
     assert preprocess.valid_mask(kernels).all()
     names = T.class_names(k)
-    assert set(cls.tolist()) == set(range(len(names) - 1))  # every class but "Others"
+    # every class but "High-frequency" and "Others" (no DoG-family member)
+    assert set(cls.tolist()) == set(range(len(names) - 2))
     assert {p["family"] for p in params} >= {"dog", "dog_dx", "dog_dy", "dog_dxx", "dog_dyy",
                                              "dog_dxy", "cross"}
     assert ("square" in {p["family"] for p in params}) == (k == 5)

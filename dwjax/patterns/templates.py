@@ -1,9 +1,10 @@
-"""The DoG-family template bank: class names, analytic kernels, the labeller's bank and the DoG
+"""The DoG-family template bank: class names, analytic kernels, the axis-aligned bank and the DoG
 init.
 
-One module for every stage that needs "what an On-Centre kernel looks like": the automatic labeller
-(dwjax.patterns.labels), the figures, and the paper's DoG initialisation (appendix F). Pure numpy:
-the math is float64, every returned kernel is float32.
+One module for every stage that needs "what an On-Centre kernel looks like": the class vocabulary,
+the figures, the paper's DoG initialisation (appendix F), and the conventions the labeller's posed
+families (dwjax.patterns.family_fit: any angle, offset and elongation) name their fits by. Pure
+numpy: the math is float64, every returned kernel is float32.
 
 Grid and orientation. A k×k kernel is indexed ``[row, col]``; the grid is centred, ``x = col −
 (k−1)/2`` grows left→right and ``y = row − (k−1)/2`` grows top→bottom (image convention). Distances
@@ -45,6 +46,9 @@ from dwjax.model import preprocess
 
 ON, OFF = "On-Centre", "Off-Centre"
 OTHERS = "Others"
+# Codes whose pattern alternates sign from pixel to pixel (checkerboards): no DoG-family member, but
+# a recognisable pattern of its own, named as what it is rather than hidden among "Others".
+HIGH_FREQUENCY = "High-frequency"
 FIRST_DERIVATIVE = "1st derivative"  # Fig 7's merged bar
 CLASS_NAMES: tuple[str, ...] = (
     "On-Centre",
@@ -81,11 +85,15 @@ N_SIGMAS = 8  # σ values per family in the bank; adjacent templates have centre
 
 
 def class_names(kernel_size: int) -> list[str]:
-    """Label vocabulary for ``kernel_size``: the ten DoG-family classes (+ squares for 5×5), then
-    "Others"."""
+    """Label vocabulary for ``kernel_size``: the ten DoG-family classes (+ squares for 5×5),
+    "High-frequency", then "Others".
+
+    A labels file may add names of its own ("Unnamed pattern 1", a user's rename):
+    `dwjax.patterns.labels.label_names` appends them after these, in a stable order.
+    """
     _check_size(kernel_size)
     squares = SQUARE_CLASS_NAMES if kernel_size in SQUARE_KERNEL_SIZES else ()
-    return [*CLASS_NAMES, *squares, OTHERS]
+    return [*CLASS_NAMES, *squares, HIGH_FREQUENCY, OTHERS]
 
 
 def base_class(name: str) -> str:
@@ -268,11 +276,14 @@ def square(k: int, size: int, corner: str = "upper-left") -> np.ndarray:
 
 
 def template_bank(kernel_size: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Every family over a σ grid, both signs (and orientations): the labeller's reference set.
+    """Every family over a σ grid, both signs, axis-aligned and centred: the paper's patterns as
+    drawn in its figures (the spectrum's template gallery). The labeller fits the richer posed
+    families of `dwjax.patterns.family_fit` instead.
 
     Returns:
       kernels: ``[T, k, k]`` float32, raw (not centred; callers embed with `preprocess.embed`).
-      class_index: ``[T]`` int64 index into ``class_names(kernel_size)`` (never "Others").
+      class_index: ``[T]`` int64 index into ``class_names(kernel_size)`` (never
+        "High-frequency" or "Others").
       params: ``T`` dicts: ``family`` ('dog', 'dog_dx', 'dog_dy', 'dog_dxx', 'dog_dyy', 'dog_dxy',
       'cross',
         'square'), ``sign`` (+1 On / −1 Off) and the family's σ / size / corner values.
