@@ -73,7 +73,7 @@ def check_names(labels: dict, means, counts, samples: Sequence | None = None,
         best = int(fitted.score[i].argmax())
         row.update(best=names[best], best_score=round(float(fitted.score[i, best]), 4))
         if not has_family:
-            why = ("no family to match: look at its kernels and name it in labels.json"
+            why = ("no family to match: look at its kernels and name it in the labels file"
                    if label.startswith(labels_lib.UNNAMED) or label == templates.OTHERS
                    else "a label of the file's own: no family to match")
             out.append({**row, "verdict": UNCHECKED, "reason": why})
