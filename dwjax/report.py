@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Callable
 
 import ml_collections
 
 from dwjax import cli
 from dwjax.errors import RunDirError
-from dwjax.io import assignment_files
+from dwjax.io import assignment_files, atomic
 from dwjax.io import workdir as workdir_lib
 from dwjax.views import page as page_lib
 from dwjax.views import sections, source_sections
@@ -54,9 +55,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     if len({s["kernel_size"] for s in stats}) > 1:
         raise RunDirError(f"--workdir {workdir}: assignments of several kernel sizes; pass "
                           "--kernel_size")
-    os.makedirs(rundir.report, exist_ok=True)
+    # Built in a hidden directory and put in place whole: a failed or killed report leaves the
+    # previous one (or none), never a partial page.
+    atomic.clean_stale(rundir.path)
+    out = atomic.temp_dir(rundir.path, "report")
+    try:
+        result = _write(rundir, stats, out, layers, compare, timeline, formats, seed, log)
+        atomic.replace_dir(out, rundir.report)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    final = {k: ([_moved(p, out, rundir.report) for p in v] if isinstance(v, list)
+                 else _moved(v, out, rundir.report)) for k, v in result.items()}
+    log(f"{len(final['tables'])} tables and {len(final['figures'])} figures in {rundir.report}; "
+        f"open {final['page']}")
+    return final
+
+
+def _moved(path: str, tmp: str, final: str) -> str:
+    return os.path.join(final, os.path.relpath(path, tmp))
+
+
+def _write(rundir: workdir_lib.RunDir, stats: list[dict], out: str, layers: list[int],
+           compare: list[str], timeline: list[str], formats: list[str], seed: int,
+           log: Callable[[str], None]) -> dict:
     ctx = sections.Context(rundir, stats, _settings(rundir), formats=tuple(formats), seed=seed,
-                               log=log)
+                           log=log, out=out)
     entries = []
     steps = [("shares", sections.shares), ("models", source_sections.models),
              ("activation", sections.activation), ("PCA", sections.pca),
@@ -76,14 +100,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         log(f"  {name}: {sum(len(e.figures) for e in new)} figures, "
             f"{sum(len(e.tables) for e in new)} tables")
     k = ctx.kernel_size
-    page = page_lib.write_page(rundir.report, f"dwjax report: {k}×{k} kernels of "
-                                  f"{os.path.basename(os.path.normpath(workdir))}",
-                                  ctx.settings, entries)
+    page = page_lib.write_page(out, f"dwjax report: {k}×{k} kernels of "
+                               f"{os.path.basename(os.path.normpath(rundir.path))}",
+                               ctx.settings, entries)
     _log_summary(stats, log)
     figs = [f for e in entries for f in e.figures]
     tables = [t for e in entries for t in e.tables]
-    log(f"{len(tables)} tables and {len(figs)} figures in {rundir.report}; open {page}")
-    return {"dir": rundir.report, "figures": figs, "tables": tables, "page": page}
+    return {"dir": out, "figures": figs, "tables": tables, "page": page}
 
 
 def _log_summary(stats: list[dict], log: Callable[[str], None]) -> None:

@@ -86,7 +86,7 @@ def test_autoencoder_beats_kmeans_under_the_same_threshold(reported):
 
 def test_pca_explained_variance_equals_numpy(reported):
     workdir, out, _ = reported
-    ctx = sections.Context(workdir_lib.RunDir(workdir), sections.assignments.read_stats(
+    ctx = sections.Context(workdir_lib.RunDir(workdir), sections.assignment_files.read_stats(
         workdir_lib.RunDir(workdir).assignments), {})
     kern, _, _ = sections.pca_sample(ctx)
     flat = kern.reshape(len(kern), -1).astype(np.float64)

@@ -107,6 +107,18 @@ def temp_dir(parent: str, name: str) -> str:
     return tempfile.mkdtemp(dir=parent, prefix=_prefix(name))
 
 
+def replace_dir(tmp: str, final: str) -> None:
+    """Puts the finished directory `tmp` at `final`, replacing what is there: the old one is moved
+    aside first, so a kill leaves the old or the new directory plus a stale temp, never a mix."""
+    if os.path.exists(final):
+        old = temp_dir(os.path.dirname(final) or ".", "old")
+        os.replace(final, os.path.join(old, "x"))
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
 def _owner_alive(entry: str) -> bool:
     try:
         pid = int(entry[len(TMP_PREFIX):].split("-", 1)[0])

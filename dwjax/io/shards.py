@@ -116,14 +116,7 @@ def write_source(data_dir: str, slug: str, source_id: str, origin: dict,
     tmp = atomic.temp_dir(data_dir, slug[:40])
     try:
         entry = _write_files(tmp, slug, source_id, origin, layers, groups, regular or {})
-        final = os.path.join(data_dir, slug)
-        if os.path.exists(final):  # the old one aside first: a kill leaves a temp, never a mix
-            old = atomic.temp_dir(data_dir, "old")
-            os.replace(final, os.path.join(old, "x"))
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        atomic.replace_dir(tmp, os.path.join(data_dir, slug))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

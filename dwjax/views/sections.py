@@ -43,11 +43,8 @@ class Context:
     formats: Sequence[str] = rfig.FORMATS
     seed: int = 0
     log: Callable[[str], None] = print
+    out: str = ""  # where the parts write: the report directory being built
     _rows: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def out(self) -> str:
-        return self.run.report
 
     @property
     def kernel_size(self) -> int:
@@ -110,7 +107,8 @@ SHARES_CAPTION = ("Each bar is one {what}; each colour a class's count over <b>a
                   "paper's bars ('excluding indiscernible patterns, hence proportions do not total "
                   "to 1', §5). The four first-derivative subtypes are merged into one bar "
                   "(Fig. 7); "
-                  "'Others' (hatched) is a labelled interval matching no DoG-family class. The CSV "
+                  "'Others' (hatched): clustered kernels whose code lies in no interval of "
+                  "labels.json (the labels name no pattern there). The CSV "
                   "keeps every class apart; its class columns sum to clustered_fraction.")
 
 
@@ -251,7 +249,10 @@ def kmeans_vs_autoencoder(ctx: Context, max_fit: int = 200_000) -> list[Entry]:
         fit = fit[np.sort(np.random.default_rng(ctx.seed).choice(len(fit), max_fit, False))]
     with open(ctx.run.labels_json) as f:
         n_intervals = len(json.load(f)["intervals"])
-    ks = list(dict.fromkeys([10, n_intervals]))
+    # a run with fewer than 2 labelled intervals (the random-init control) compares 10 only
+    ks = [k for k in dict.fromkeys([10, n_intervals]) if 2 <= k <= len(fit)]
+    if not ks:
+        return []
     verdicts = {}
     for k in ks:
         centroids, _ = kmeans.fit_kmeans(fit, k, ctx.seed)
@@ -275,8 +276,9 @@ def kmeans_vs_autoencoder(ctx: Context, max_fit: int = 200_000) -> list[Entry]:
                   f"(nearest of {ctx.settings.get('num_codes')} decoded codes). k-means: "
                   f"centroids fitted (k-means++, seed {ctx.seed}, on up to {max_fit:,} kernels "
                   f"pooled over every source) on the same preprocessed kernels (centred, unit, "
-                  f"hyperplane coordinates), with 10 clusters and with as many as labels.json "
-                  f"has intervals ({n_intervals}); each kernel is clustered when its cosine "
+                  f"hyperplane coordinates), with {' and with '.join(map(str, ks))} clusters "
+                  f"(10, and as many as labels.json has intervals: {n_intervals}); each kernel "
+                  f"is clustered when its cosine "
                   f"dissimilarity to the nearest normalised centroid is below the same "
                   f"threshold {threshold}.", figs[:1], [ctx.path("kmeans_vs_ae.csv")])]
 
