@@ -52,10 +52,10 @@ from dwjax.patterns import family_fit, templates
 # Least cosine similarity to the best-fitting family member for a decoded code to be named. Mirrors
 # the paper's reconstruction thresholds (dissimilarity 0.3 for 7×7, 0.2 for 5×5: "lower
 # dimensional spaces tend to have closer vectors angularly"): a code named X is as close to an X
-# as a clustered kernel is to its code. Chance (isotropic random kernels against the fitted bank)
-# stays below it for 99.9% (5×5) and 99% (7×7) of draws (tests/test_labels.py). For 3×3 chance
-# reaches 0.95, so template naming is nearly meaningless there (the paper uses k-means); 0.9 is
-# only a guard.
+# as a clustered kernel is to its code. Isotropic random kernels reach it against the fitted
+# families in 0.2 % of draws (5×5) and never in 5,000 (7×7; tests/test_labels.py). For 3×3 a third
+# of random kernels reach 0.9, so template naming means little there (the paper uses k-means);
+# 0.9 is only a guard.
 DEFAULT_MIN_SIMILARITY = {3: 0.9, 5: 0.8, 7: 0.7}
 # Runs shorter than this many codes join a neighbour. One: `SWITCH_COST` already keeps weakly
 # supported slivers out, and a single code can hold a real cluster (the axis ends collect every
