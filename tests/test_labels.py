@@ -229,7 +229,8 @@ def test_random_kernels_are_unnamed_and_dead_kernels_are_no_pattern():
     out = L.propose_labels(decoded, codes, 7)
     assert [(iv["label"], iv["start"]) for iv in out["intervals"]] == [
         ("Unnamed pattern 1", 0.0), ("On-Centre", pytest.approx((codes[4] + codes[5]) / 2))]
-    assert out["intervals"][0]["fit"] is None  # a dead code has no fit
+    assert out["intervals"][0]["fit"] is None  # a dead code has no fit, and nothing is nearest
+    assert out["intervals"][0]["nearest"] is None
     names, score = L.name_kernels(decoded, 7)
     assert names.tolist() == ["Unnamed pattern"] * 5 + ["On-Centre"] * 10
 

@@ -421,7 +421,9 @@ def propose_labels(
     intervals, n_unnamed = [], 0
     for v, a, b in _runs(path):
         sl = slice(a, b)
-        nearest_cls = int(np.bincount(best_cls[sl], minlength=n_cls).argmax())
+        live = best_cls[sl][fits.valid[sl]]
+        # The class most codes of the run fit best (None when every code is dead).
+        nearest_cls = int(np.bincount(live, minlength=n_cls).argmax()) if len(live) else None
         if v == unnamed_col:
             n_unnamed += 1
             label = unnamed_label(n_unnamed)
@@ -430,19 +432,20 @@ def propose_labels(
             # The code closest to all the others of the run: what the run looks like.
             emb = np.asarray(preprocess.embed(decoded[sl]))
             ex = a + int((emb @ emb.T).sum(axis=1).argmax())
-            fit_cls, nearest = nearest_cls, names[nearest_cls]
+            fit_cls = nearest_cls
         elif v == hf_col:
             label = templates.HIGH_FREQUENCY
             score, margin = hf[sl].mean(), hf[sl].mean() - hf_min
             ex = a + int(hf[sl].argmax())
-            fit_cls, nearest = nearest_cls, names[nearest_cls]
+            fit_cls = nearest_cls
         else:
             label = names[v]
             others = np.delete(cls_score[sl], v, axis=1).max(axis=1)
             score, margin = cls_score[sl, v].mean(), (cls_score[sl, v] - others).mean()
             ex = a + int(cls_score[sl, v].argmax())
-            fit_cls, nearest = v, None
-        row = int(fits.template[ex, fit_cls])  # −1 for a dead exemplar
+            fit_cls = v
+        nearest = None if v == fit_cls or fit_cls is None else names[fit_cls]
+        row = -1 if fit_cls is None else int(fits.template[ex, fit_cls])  # −1: a dead exemplar
         intervals.append({
             "start": float(edges[a]), "end": float(edges[b]), "label": label, "auto": True,
             "score": round(float(score), 4), "margin": round(float(margin), 4),
