@@ -156,3 +156,35 @@ def test_page_renders_in_headless_chromium(reported, tmp_path):
     m = re.search(r"data-images-ok=\"(\d+)/(\d+)\"", p.stdout)
     assert m, p.stdout[-2000:]
     assert m.group(1) == m.group(2) == str(len(out["figures"]))
+
+
+def test_the_random_init_control_runs_end_to_end(tmp_path):
+    """The README's untrained control: random-init kernels converted, a brief training, spectrum,
+    assign and report all finish; the page is whole even where no interval is labelled, and a
+    failing report leaves no partial directory behind."""
+    pytest.importorskip("timm")
+    from dwjax import convert, spectrum, train
+    from dwjax.configs import train as train_configs
+    from dwjax.io import sources
+
+    data = str(tmp_path / "data")
+    convert.convert(data, [sources.timm_source("efficientnet_lite0", False, 0)], **QUIET)
+    c = train_configs.get_config("5")
+    c.num_epochs, c.eval_batch_size = 1, 4096
+    work = str(tmp_path / "run")
+    train.run(c, work, data, **QUIET)
+    spectrum.run(stage_config("spectrum"), work, **QUIET)
+    summary = assign.run(stage_config("assign"), work, data, **QUIET)
+    assert summary["kernels"] == 6336
+    out = report.run(stage_config("report"), work, **QUIET)
+    assert os.path.exists(out["page"]) and out["figures"]
+    assert all(os.path.exists(p) for p in out["figures"] + out["tables"])
+    # a report that fails half way keeps the previous page and leaves no temp directory
+    with open(out["page"]) as f:
+        page = f.read()
+    with pytest.raises(sections.ReportError):
+        report.run(stage_config("report", compare="efficientnet-lite0,nope"), work, **QUIET)
+    with open(out["page"]) as f:
+        assert f.read() == page
+    assert not [e for e in os.listdir(work) if e.startswith(".")
+                and os.path.isdir(os.path.join(work, e))]
