@@ -122,8 +122,9 @@ class KMeansClassifier:
 
     The centroids are fitted once on the live k×k kernels of `data_dir` (up to `max_fit` of them
     drawn with the seed, streamed from the shards: memory does not grow with the data) and kept in
-    `<workdir>/kmeans_k<k>.npz`; each cluster is named after the template-bank
-    class nearest its centroid when that match is convincing, else "cluster <i>".
+    `<workdir>/kmeans_k<k>.npz` with the clustering threshold calibrated against random kernels
+    (`kmeans.calibrated_threshold`); each cluster is named after the template-bank class nearest
+    its centroid when that match is convincing, else "cluster <i>".
     """
 
     def __init__(self, run: workdir_lib.RunDir, data_dir: str, kernel_size: int,
@@ -134,7 +135,9 @@ class KMeansClassifier:
         if os.path.exists(path):
             with np.load(path) as z:
                 self.centroids, names = z["centroids"], [str(n) for n in z["names"]]
+                threshold = float(z["threshold"]) if "threshold" in z else None
         else:
+            threshold = None
             x = kmeans.sample_valid([s.kernels for s in shards.iter_shards(data_dir, kernel_size)],
                                     max_fit, seed, chunk_size)
             if len(x) < n_clusters:
@@ -147,14 +150,19 @@ class KMeansClassifier:
             )
             self.centroids, _ = kmeans.fit_kmeans(x, n_clusters, seed)
             names = self._names(self.centroids)
-            atomic.save_npz(path, centroids=self.centroids, names=np.array(names))
-        # label dictionary: each distinct cluster name once (two clusters may share a class), Dead
-        self.label_names = list(dict.fromkeys(names)) + [DEAD]
+        if threshold is None:  # fitted now, or centroids kept from before the threshold existed
+            threshold = kmeans.calibrated_threshold(self.centroids, kernel_size, seed)
+            atomic.save_npz(path, centroids=self.centroids, names=np.array(names),
+                            threshold=np.float64(threshold))
+        self.threshold = threshold
+        # label dictionary: each distinct cluster name once (two clusters may share a class), then
+        # the two verdicts that are not a class
+        self.label_names = list(dict.fromkeys(names)) + [UNCLUSTERED, DEAD]
         self.cluster_label = np.array([self.label_names.index(n) for n in names], np.int32)
         centroids_sha = hashlib.sha256(np.asarray(self.centroids).tobytes()).hexdigest()
         self.search_record = {"backend": jax.default_backend(), "method": "kmeans",
                               "jax": jax.__version__}
-        self.digests = {"centroids_sha256": centroids_sha}
+        self.digests = {"centroids_sha256": centroids_sha, "kmeans_threshold": threshold}
 
     def _names(self, centroids: np.ndarray) -> list[str]:
         k = self.kernel_size
@@ -166,15 +174,19 @@ class KMeansClassifier:
 
     def __call__(self, kernels) -> Rows:
         """As AutoencoderClassifier's: the code is the cluster id and the dissimilarity the
-        Euclidean distance to its centroid in min-max space; every live kernel is clustered."""
+        Euclidean distance to its centroid in min-max space; a live kernel is clustered when that
+        distance is below the calibrated threshold (`kmeans.calibrated_threshold`)."""
         kernels = np.asarray(kernels, np.float32)
         x = kmeans.minmax_encode(kernels)
         live = preprocess.valid_mask(kernels)
         cluster, dist = kmeans.assign_kmeans(x, self.centroids, self.chunk_size)
-        label = np.where(live, self.cluster_label[cluster], self.label_names.index(DEAD))
+        clustered = live & (dist < self.threshold)
+        label = np.where(clustered, self.cluster_label[cluster],
+                         self.label_names.index(UNCLUSTERED))
+        label[~live] = self.label_names.index(DEAD)
         total, norm, _ = (np.asarray(v) for v in _raw_statistics(kernels))
         return Rows(np.where(live, cluster, np.nan),
-                    np.where(live, dist, np.nan).astype(np.float32), live,
+                    np.where(live, dist, np.nan).astype(np.float32), clustered,
                     label.astype(np.int32), total, norm)
 
     def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Rows]:

@@ -205,6 +205,30 @@ def assign_kmeans(x, centroids, chunk_size: int = DEFAULT_CHUNK) -> tuple[np.nda
     return cluster, dist
 
 
+# The 3×3 path's "clustered": nearer a centroid than all but this share of random kernels drawn as
+# frameworks initialise a convolution (i.i.d. uniform, PyTorch's Kaiming-uniform; i.i.d. normal,
+# timm's and TF's; min-max encoding makes their scale irrelevant), whichever is stricter. k-means
+# always has a nearest centroid, so without a calibrated distance every kernel, random ones
+# included, would count as clustered.
+RANDOM_CLUSTERED_SHARE = 0.005
+CALIBRATION_KERNELS = 200_000
+
+
+def calibrated_threshold(centroids, kernel_size: int, seed: int = 0,
+                         share: float = RANDOM_CLUSTERED_SHARE,
+                         n: int = CALIBRATION_KERNELS) -> float:
+    """The distance (min-max space) below which at most `share` of `n` uniform-random and of `n`
+    normal-random k×k kernels fall, for these `centroids [K, k*k]`: the 3×3 path's clustering
+    threshold."""
+    rng = np.random.default_rng([seed, 2024])
+    shape = (n, kernel_size, kernel_size)
+    quantiles = []
+    for rand in (rng.uniform(-1.0, 1.0, shape), rng.standard_normal(shape)):
+        _, dist = assign_kmeans(encode_valid(rand.astype(np.float32))[0], centroids)
+        quantiles.append(np.quantile(dist.astype(np.float64), share))
+    return float(min(quantiles))
+
+
 def canonical_order(centroids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Permutation putting clusters by size descending, ties by centroid lexicographic ascending."""
     keys = [centroids[:, j] for j in range(centroids.shape[1] - 1, -1, -1)] + [-sizes]

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from dwjax.io import shards, sources, weight_files
+from dwjax.search import kmeans
 from dwjax.views import charts as rfig
 from dwjax.views import tables
 from dwjax.views.sections import Context, Entry, ReportError, _f, write_csv
@@ -68,6 +69,7 @@ def centroids(ctx: Context) -> list[Entry]:
         return []
     with np.load(path) as z:
         cents, names = z["centroids"], [str(n) for n in z["names"]]
+        threshold = float(z["threshold"]) if "threshold" in z else None
     k = int(round(np.sqrt(cents.shape[1])))
     figs = rfig.plot_centroids(cents.reshape(-1, k, k), names, ctx.path("kmeans_centroids"),
                                f"{k}×{k} k-means centroids (min-max space, drawn centred)",
@@ -75,7 +77,20 @@ def centroids(ctx: Context) -> list[Entry]:
     return [Entry(f"{k}×{k} k-means centroids (paper appendix N)",
                   "The centroids the 3×3 path fitted (k-means++ then Lloyd on min-max encoded "
                   "kernels), largest cluster first, each named after the nearest DoG-family "
-                  "template when the match is convincing.", figs[:1])]
+                  "template when the match is convincing. " + _clustered_3x3(threshold),
+                  figs[:1])]
+
+
+def _clustered_3x3(threshold: float | None) -> str:
+    """What "clustered" means on the 3×3 path: the report says it with the run's number."""
+    if threshold is None:
+        return ("These centroids predate the calibrated threshold: every live kernel was counted "
+                "as clustered, which says nothing (k-means always has a nearest centroid).")
+    return (f"A kernel counts as clustered when its min-max distance to the nearest centroid is "
+            f"below {threshold:.4f}: the distance that only "
+            f"{100 * kmeans.RANDOM_CLUSTERED_SHARE:g} % of uniform- or normal-random "
+            "kernels (how frameworks initialise convolutions) reach for these centroids, so a "
+            "random-init model comes out about that clustered.")
 
 
 def models(ctx: Context) -> list[Entry]:
