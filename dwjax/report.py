@@ -73,7 +73,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _moved(path: str, tmp: str, final: str) -> str:
-    return os.path.join(final, os.path.relpath(path, tmp))
+    rel = os.path.relpath(path, tmp)
+    return final if rel == "." else os.path.join(final, rel)
 
 
 def _write(rundir: workdir_lib.RunDir, stats: list[dict], out: str, layers: list[int],
