@@ -79,9 +79,11 @@ class AutoencoderClassifier:
                 "`python -m dwjax.spectrum` for the figures)")
         self.labels = labels_lib.load_labels(run.labels_json, k)
         self.codes, self.recon = decoder.decode_codes(params, slope, num_codes)
-        # label dictionary: the classes, then the two verdicts that are not a class
-        self.label_names = templates.class_names(k) + [UNCLUSTERED, DEAD]
-        self.code_label = labels_lib.label_index(self.labels, self.codes).astype(np.int32)
+        # label dictionary: the classes, the file's own names ("Unnamed pattern N", renames), then
+        # the two verdicts that are not a class
+        names = labels_lib.label_names(self.labels)
+        self.label_names = names + [UNCLUSTERED, DEAD]
+        self.code_label = labels_lib.label_index(self.labels, self.codes, names).astype(np.int32)
         self.unclustered = self.label_names.index(UNCLUSTERED)
         self.dead = self.label_names.index(DEAD)
         self.threshold = threshold
@@ -93,11 +95,11 @@ class AutoencoderClassifier:
         # how the rows were searched: other backends or methods may round near-ties differently
         self.search_record = {"backend": self.search.backend, "method": self.search.method,
                               "tile_m": self.search.tile_m, "jax": jax.__version__}
-        with open(run.labels_json, "rb") as f:
-            labels_sha = hashlib.sha256(f.read()).hexdigest()
-        # the decoded codes identify the trained decoder (and the number of codes)
+        # the decoded codes identify the trained decoder (and the number of codes); the labels'
+        # naming (intervals and names, not the scores or name checks written into the file later)
         codes_sha = hashlib.sha256(self.recon.tobytes()).hexdigest()
-        self.digests = {"labels_sha256": labels_sha, "decoded_codes_sha256": codes_sha}
+        self.digests = {"labels_naming_sha256": labels_lib.naming_digest(self.labels),
+                        "decoded_codes_sha256": codes_sha}
 
     def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
         """Rows `[start, stop)` of `kernels [N, k, k]`, one compiled call's worth at a time; the

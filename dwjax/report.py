@@ -27,6 +27,7 @@ from dwjax import cli
 from dwjax.errors import RunDirError
 from dwjax.io import assignment_files, atomic
 from dwjax.io import workdir as workdir_lib
+from dwjax.views import label_review
 from dwjax.views import page as page_lib
 from dwjax.views import sections, source_sections
 
@@ -86,6 +87,7 @@ def _write(rundir: workdir_lib.RunDir, stats: list[dict], out: str, layers: list
     steps = [("shares", sections.shares), ("models", source_sections.models),
              ("activation", sections.activation), ("PCA", sections.pca),
              ("k-means vs autoencoder", sections.kmeans_vs_autoencoder),
+             ("labels", label_review.labels_section),
              ("samples", sections.class_samples),
              ("regular vs depthwise", sections.regular_vs_depthwise),
              ("centroids", source_sections.centroids)]

@@ -40,8 +40,8 @@ def _csv(out, name):
 def test_layer_shares_are_of_all_kernels_and_sum_to_the_clustered_fraction(reported):
     _, out, rows = reported
     by_layer = _csv(out, "by_layer.csv")
-    classes = list(by_layer.columns[5:])
-    assert templates.OTHERS in classes
+    classes = list(by_layer.columns[6:])
+    assert classes and "clustered_fraction" not in classes
     for (src, layer), g in rows.groupby(["source", "layer"], observed=True):
         line = by_layer[(by_layer.source == src) & (by_layer.layer == layer)]
         assert len(line) == 1
@@ -139,7 +139,7 @@ def test_every_figure_has_png_and_pdf_and_the_page_links_them(reported):
     srcs = re.findall(r"<img src='([^']+)'", page)
     assert len(srcs) == len(out["figures"])
     assert all(os.path.exists(os.path.join(out["dir"], s)) for s in srcs)
-    assert "threshold" in page and "labels_sha256" in page and "http" not in page
+    assert "threshold" in page and "labels_naming_sha256" in page and "http" not in page
 
 
 def test_page_renders_in_headless_chromium(reported, tmp_path):

@@ -37,6 +37,7 @@ optional (hand-written files may omit them; old files have only ``auto`` and ``s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -86,7 +87,7 @@ class LabelsError(UserError):
 
 _REQUIRED = {"start", "end", "label"}
 _OPTIONAL = {"auto": False, "score": None, "margin": None, "exemplar": None, "fit": None,
-             "nearest": None}
+             "nearest": None, "check": None}
 
 
 def default_min_similarity(kernel_size: int) -> float:
@@ -184,6 +185,8 @@ def validate_labels(labels: Any, kernel_size: int | None = None, source: str = "
             raise bad(f"interval {i}: fit must be an object of numbers/strings or null")
         if iv["nearest"] is not None and not isinstance(iv["nearest"], str):
             raise bad(f"interval {i}: nearest must be a string or null")
+        if iv["check"] is not None and not _check_fit(iv["check"]):
+            raise bad(f"interval {i}: check must be an object of numbers/strings or null")
         out.append({
             "start": float(iv["start"]), "end": float(iv["end"]), "label": iv["label"],
             "auto": iv["auto"],
@@ -191,6 +194,7 @@ def validate_labels(labels: Any, kernel_size: int | None = None, source: str = "
                for key in ("score", "margin", "exemplar")},
             "fit": None if iv["fit"] is None else dict(iv["fit"]),
             "nearest": iv["nearest"],
+            "check": None if iv["check"] is None else dict(iv["check"]),
         })
     out.sort(key=lambda iv: iv["start"])
     for a, b in zip(out, out[1:]):
@@ -219,6 +223,27 @@ def save_labels(path: str | os.PathLike, labels: dict) -> None:
     """Validate, then write atomically."""
     path = os.fspath(path)
     atomic.write_json(path, validate_labels(labels, source=path))
+
+
+def naming_digest(labels: dict) -> str:
+    """sha256 of what decides a row's label: each interval's start, end and label, and the kernel
+    size. Scores, fits and name checks written into the file later do not change it."""
+    labels = validate_labels(labels)
+    naming = {"kernel_size": labels["kernel_size"],
+              "intervals": [[iv["start"], iv["end"], iv["label"]] for iv in labels["intervals"]]}
+    return hashlib.sha256(json.dumps(naming, sort_keys=True).encode()).hexdigest()
+
+
+def record_checks(path: str | os.PathLike, checks: Sequence[dict]) -> dict:
+    """Writes each interval's name check (`name_checks.check_names`, in interval order) into the
+    labels file as its `check` {verdict, reason, score, count}; the naming is untouched."""
+    labels = load_labels(path, None)
+    for iv, c in zip(labels["intervals"], checks):
+        check = {"verdict": c["verdict"], "reason": c.get("reason"), "score": c.get("score"),
+                 "count": int(c.get("count") or 0)}
+        iv["check"] = {key: v for key, v in check.items() if v is not None}
+    save_labels(path, labels)
+    return labels
 
 
 # -------------------------------------------------------------------------------------- lookup

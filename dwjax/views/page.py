@@ -43,8 +43,11 @@ def write_page(out_dir: str, title: str, settings: dict, entries: Sequence,
                for k, v in sorted(settings.items())),
              "</table><p class=cap>As recorded by <code>assign</code> in "
              "<code>assignments/_meta</code>: a kernel is clustered when its cosine dissimilarity "
-             "to the nearest decoded code is below the threshold; labels_sha256 identifies the "
-             "labels.json the classes came from.</p>",
+             "to the nearest of <code>num_codes</code> evenly spaced decoded codes (the search's) "
+             "is below the threshold; labels.json was proposed from the spectrum's 500 codes, and "
+             "labels_naming_sha256 identifies its intervals and names. Layers are numbered as "
+             "the network orders its depthwise layers of this kernel size, from 0, in every "
+             "figure; by_layer.csv also gives the layer's id and name in the network.</p>",
              "<h2>Contents</h2><ol>",
              *(f"<li><a href='#s{i}'>{html.escape(e.title)}</a></li>"
                for i, e in enumerate(entries)), "</ol>"]

@@ -124,8 +124,11 @@ def plot_gallery(groups: dict[str, np.ndarray], path: str, title: str, per_row: 
     """One row per group: up to `per_row` kernels `[n, k, k]` each (template bank, class samples),
     each scaled by its own max |w| in diverging colours centred on zero."""
     names = list(groups)
-    fig, axes = plt.subplots(len(names), 1, figsize=(per_row * 0.6 + 4, 0.7 * len(names) + 0.5),
-                             squeeze=False)
+    # each row's name above it, left-aligned: wide enough for the longest (7-point text, about
+    # 0.065 in a character) and for the kernels
+    width = max(per_row * 0.6 + 1.0, 0.065 * max((len(n) for n in names), default=0) + 0.5)
+    height = 0.85 * len(names) + 0.5
+    fig, axes = plt.subplots(len(names), 1, figsize=(width, height), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         kernels = np.asarray(groups[name])[:per_row]
         ax.imshow(_tile_strip(kernels) if len(kernels) else np.full((1, 1), np.nan),
@@ -134,9 +137,9 @@ def plot_gallery(groups: dict[str, np.ndarray], path: str, title: str, per_row: 
         ax.set_yticks([])
         for side in ax.spines.values():
             side.set_visible(False)
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_title(name, loc="left", fontsize=7, pad=2)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))  # the title's own band
     return _save(fig, path, formats)
 
 

@@ -131,20 +131,22 @@ def shares(ctx: Context) -> list[Entry]:
     layer_entry = Entry(
         "Class shares per depthwise layer (paper Figs. 7, 8, 19, 33–38)",
         SHARES_CAPTION.format(what="depthwise layer") + " Layers are numbered among this kernel "
-        "size's depthwise layers in network order.", tables=[ctx.path("by_layer.csv")])
+        "size's depthwise layers in network order (by_layer.csv's position); its layer column is "
+        "the layer's id among all the network's depthwise layers.",
+        tables=[ctx.path("by_layer.csv")])
     for s in ctx.stats:
         layers = s["layers"]
         sh = tables.shares_of_all(layers, classes)
         lf = tables.clustered_fraction(layers)
-        for l, f, row in zip(layers, lf, sh):
-            layer_rows.append([s["source"], l["layer"], l["layer_name"], l["kernels"], _f(f),
-                               *map(_f, row)])
+        for position, (l, f, row) in enumerate(zip(layers, lf, sh)):
+            layer_rows.append([s["source"], position, l["layer"], l["layer_name"], l["kernels"],
+                               _f(f), *map(_f, row)])
         layer_entry.figures += rfig.plot_shares(
             [str(i) for i in range(len(layers))], *tables.merged(classes, sh),
             ctx.path(f"layers_{_slug(s['source'])}"),
             f"{s['source']}: class shares of all kernels per depthwise layer", formats=ctx.formats
         )[:1]
-    write_csv(ctx.path("by_layer.csv"), ["source", "layer", "layer_name", "kernels",
+    write_csv(ctx.path("by_layer.csv"), ["source", "position", "layer", "layer_name", "kernels",
                                          "clustered_fraction", *classes], layer_rows)
     return [entry, layer_entry]
 

@@ -1,0 +1,134 @@
+"""The report's labels section: does each labelled interval's name hold for the kernels assigned
+to it? (issue "names earned by the kernels").
+
+Per interval of labels.json: the clustered kernels whose code falls in it, their mean (of the
+centred unit kernels, what the clustering compares) and a seeded sample, checked against the
+label's family by `patterns.name_checks.check_names`. The verdicts go into labels.json (`check`,
+beside the naming, which they never change) and onto the page: the decoded exemplar, the mean
+assigned kernel and the best template of the label's family per interval, with score and count.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dwjax.model import preprocess
+from dwjax.patterns import family_fit, name_checks, templates
+from dwjax.patterns import labels as labels_lib
+from dwjax.views import plotting
+from dwjax.views.sections import Context, Entry, write_csv
+
+SAMPLE = 200  # kernels per interval for the sample check
+CHUNK = 65536
+
+
+def _accumulate(ctx: Context, labels: dict, rng: np.random.Generator):
+    """Per interval: sum of centred unit kernels `[n_iv, k*k]`, counts `[n_iv]`, sample lists."""
+    k = labels["kernel_size"]
+    n_iv = len(labels["intervals"])
+    sums = np.zeros((n_iv, k * k), np.float64)
+    counts = np.zeros(n_iv, np.int64)
+    picked: list[list[np.ndarray]] = [[] for _ in range(n_iv)]
+    for s in ctx.stats:
+        kern = ctx.kernels(s)
+        if kern is None:
+            return None
+        r = ctx.rows(s, ("code", "clustered"))
+        rows = np.flatnonzero(r["clustered"])
+        which = labels_lib.interval_index(labels, r["code"][rows])
+        for a in range(0, len(rows), CHUNK):
+            idx, iv = rows[a:a + CHUNK], which[a:a + CHUNK]
+            unit = np.asarray(preprocess.centre_and_normalise(np.asarray(kern[idx])), np.float64)
+            inside = iv >= 0
+            np.add.at(sums, iv[inside], unit[inside])
+            counts += np.bincount(iv[inside], minlength=n_iv)
+        for j in range(n_iv):
+            members = rows[which == j]
+            if len(members):
+                take = np.sort(rng.choice(members, min(SAMPLE, len(members)), replace=False))
+                picked[j].append(np.asarray(kern[take], np.float32))
+    samples = []
+    for j in range(n_iv):
+        pool = np.concatenate(picked[j]) if picked[j] else np.zeros((0, k, k), np.float32)
+        if len(pool) > SAMPLE:
+            pool = pool[np.sort(rng.choice(len(pool), SAMPLE, replace=False))]
+        samples.append(pool)
+    means = (sums / np.maximum(counts, 1)[:, None]).reshape(n_iv, k, k)
+    return means, counts, samples
+
+
+def _decoded(ctx: Context, codes: np.ndarray) -> np.ndarray | None:
+    """`[n, k, k]` the spectrum's decoded kernels nearest `codes` (None without spectrum.npz)."""
+    import os
+
+    if not os.path.exists(ctx.run.spectrum_npz):
+        return None
+    with np.load(ctx.run.spectrum_npz) as z:
+        spec_codes, kernels = z["codes"], z["kernels"]
+    return kernels[np.abs(spec_codes[None, :] - codes[:, None]).argmin(axis=1)]
+
+
+def _template(mean: np.ndarray, label: str, k: int) -> np.ndarray:
+    """The best template of `label`'s family for `mean` `[k, k]` (zeros when it has none)."""
+    names = templates.class_names(k)
+    if label not in names:
+        return np.zeros((k, k))
+    c = names.index(label)
+    fitted = family_fit.fit(mean[None], k)
+    t = int(fitted.template[0, c])
+    if t < 0:
+        return np.zeros((k, k))
+    bank = family_fit.family_bank(k)
+    sign = 1.0 if bank.names[0, t] == c else -1.0
+    return sign * preprocess.coords_to_kernels(bank.embedded[t:t + 1], k)[0]
+
+
+def labels_section(ctx: Context) -> list[Entry]:
+    """`labels.csv` and the per-interval figure; the verdicts written into labels.json."""
+    if ctx.settings.get("method") != "autoencoder":
+        return []
+    labels = labels_lib.load_labels(ctx.run.labels_json, ctx.kernel_size)
+    k = labels["kernel_size"]
+    if not labels["intervals"]:
+        return [Entry("Labels: names earned by the kernels",
+                      "labels.json has no labelled interval (e.g. an untrained control): every "
+                      "clustered kernel is 'Others'.")]
+    acc = _accumulate(ctx, labels, np.random.default_rng(ctx.seed))
+    if acc is None:
+        return []
+    means, counts, samples = acc
+    checks = name_checks.check_names(labels, means, counts, samples)
+    labels_lib.record_checks(ctx.run.labels_json, checks)
+    header = ["start", "end", "label", "count", "score", "best", "best_score", "sample_share",
+              "verdict", "reason"]
+    write_csv(ctx.path("labels.csv"), header,
+              [[c.get(h) if c.get(h) is not None else "" for h in header] for c in checks])
+    exemplar_codes = [iv["exemplar"] if iv.get("exemplar") is not None
+                      else (iv["start"] + iv["end"]) / 2 for iv in labels["intervals"]]
+    decoded = _decoded(ctx, np.asarray(exemplar_codes))
+    groups = {}
+    for i, (iv, c) in enumerate(zip(labels["intervals"], checks)):
+        score = "" if c["score"] is None else f", score {c['score']:.2f}"
+        title = (f"[{iv['start']:.3f}, {iv['end']:.3f}) {iv['label']}: {c['count']:,} kernels"
+                 f"{score}, {c['verdict']}")
+        row = [m for m in (decoded[i] if decoded is not None else None, means[i],
+                           _template(means[i], iv["label"], k)) if m is not None]
+        groups[title] = np.stack(row)
+    fig = plotting.plot_gallery(groups, ctx.path("labels.png"),
+                                "per interval: decoded exemplar, mean assigned kernel, best "
+                                "template of its label", per_row=3,
+                                formats=[f for f in ctx.formats if f != "png"])
+    flagged = [c for c in checks if c["verdict"] == name_checks.FLAGGED]
+    clustered = int(counts.sum())
+    unnamed = sum(c["count"] for c in checks if c["verdict"] == name_checks.UNCHECKED)
+    caption = (f"Every interval of labels.json with the clustered kernels assigned to it "
+               f"({clustered:,} in all; {unnamed:,} in unnamed intervals). Each row: the decoded "
+               "code at the interval's exemplar, the mean of its kernels (centred, unit), and the "
+               "best template of its label's family; score is the mean's cosine to that family. "
+               "ok: the family fits and no other clearly better, and most of a sample of "
+               f"{SAMPLE} is that class; flagged: otherwise ({len(flagged)} here"
+               + (": " + "; ".join(f"{c['label']} [{c['start']:.3f}, {c['end']:.3f}): "
+                                   f"{c['reason']}" for c in flagged) if flagged else "")
+               + "); unchecked: no family to match (unnamed intervals: rename them in "
+               "labels.json). The verdicts are also written into labels.json.")
+    return [Entry("Labels: names earned by the kernels", caption, [fig],
+                  [ctx.path("labels.csv")])]
