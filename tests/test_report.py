@@ -188,3 +188,28 @@ def test_the_random_init_control_runs_end_to_end(tmp_path):
         assert f.read() == page
     assert not [e for e in os.listdir(work) if e.startswith(".")
                 and os.path.isdir(os.path.join(work, e))]
+
+
+def test_labels_name_nearly_every_clustered_kernel_and_the_names_hold(reported):
+    """The README main job: 'Others' plus unnamed intervals hold at most 5 % of the clustered
+    kernels, and every named interval's mean assigned kernel fits its family (labels.csv, and
+    the verdicts recorded in labels.json)."""
+    import json
+
+    from dwjax.patterns import labels as labels_lib
+
+    workdir, out, rows = reported
+    clustered = rows[rows["clustered"]]
+    label = clustered["label"].astype(str)
+    unnamed = (label == templates.OTHERS) | label.str.startswith(labels_lib.UNNAMED)
+    assert unnamed.mean() <= 0.05, unnamed.mean()
+    checks = _csv(out, "labels.csv")
+    named = checks[checks["verdict"] != "unchecked"]
+    assert len(named) >= 5 and named["count"].sum() >= 0.9 * len(clustered)
+    with open(os.path.join(workdir, "labels.json")) as f:
+        intervals = json.load(f)["intervals"]
+    assert [iv["check"]["verdict"] for iv in intervals] == list(checks["verdict"])
+    thr = labels_lib.default_min_similarity(5)
+    for _, c in named.iterrows():
+        if c["label"] != templates.HIGH_FREQUENCY:
+            assert c["score"] >= thr, (c["label"], c["score"])
