@@ -8,7 +8,7 @@ checkpoint file yields without building a model are bitwise those the model walk
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -34,6 +34,38 @@ class DepthwiseLayer:
     def size_key(self) -> str:
         kh, kw = self.kernels.shape[1:]
         return f"{kh}x{kw}"
+
+
+@dataclasses.dataclass
+class TensorRef:
+    """A weight known by its shape whose values `load()` reads: a graph format's regular
+    convolution, `[O, I, kh, kw]` in PyTorch orientation, for `regular_sample` (which reads only
+    the tensors it draws from, as it does from a `LazyTensor`)."""
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+    dtype: Any = np.float32
+
+
+@dataclasses.dataclass
+class GraphWeights:
+    """What a model-graph file (ONNX, TFLite, Keras) yields: its depthwise layers, read when the
+    file is opened (they are small; a bad tensor then fails before anything is written), its
+    regular convolutions by reference, and what the file says about them (`details`, recorded in
+    the source's origin: `batch_norm`, the precision the weights were stored in), and the other
+    files it read (an ONNX model's external data)."""
+    layers: list[DepthwiseLayer]
+    regular: dict[str, TensorRef]
+    details: dict
+    files: list[str] = dataclasses.field(default_factory=list)
+
+
+def batch_norm_state(followed: list[bool]) -> str:
+    """`"separate"` when a batch norm consumes every depthwise layer's output in the file (the
+    kernels are the trained weights, as in a checkpoint), `"none"` when none does (an exporter
+    folded it into the kernels, or the network has none), `"partly"` otherwise."""
+    if followed and all(followed):
+        return "separate"
+    return "partly" if any(followed) else "none"
 
 
 def is_depthwise_shape(shape: tuple[int, ...]) -> bool:

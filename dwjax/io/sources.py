@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from dwjax.errors import UserError
-from dwjax.io import paths, shards, weight_files
+from dwjax.io import model_files, paths, shards, weight_files
 from dwjax.io.extract import DepthwiseLayer, layers_from_module, layers_from_state, regular_sample
 from dwjax.io.shards import sha256_file, slugify
 
@@ -98,15 +98,22 @@ def _open(path: str) -> dict:
 
 
 def checkpoint_source(path: str) -> Source:
-    """A local .pth/.pt/.bin/.safetensors read by shape, without building a model."""
-    tensors = _open(path)
-    digest = sha256_file(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
+    """A model file read without building a model, its format told by its content
+    (`io.model_files`): .pth/.pt/.bin/.safetensors by shape, a sharded checkpoint's index or a
+    model directory, ONNX, TFLite, Keras. The origin records the format and what the file says
+    (`batch_norm`, stored weight types)."""
+    try:
+        opened = model_files.open_model(path)
+    except weight_files.CheckpointError as e:
+        raise SourceError(f"--checkpoint {e}")
+    digest = opened.sha256()
+    name = os.path.basename(os.path.normpath(path))
+    stem = name if os.path.isdir(path) else os.path.splitext(name)[0]
     return Source(
-        id=f"{os.path.basename(path)}@sha256:{digest[:16]}", slug=slugify(f"{stem}-{digest[:12]}"),
-        origin={"kind": "checkpoint", "file": os.path.abspath(path), "sha256": digest},
-        load=lambda: layers_from_state(tensors),
-        load_regular=lambda n: regular_sample(tensors, n))
+        id=f"{name}@sha256:{digest[:16]}", slug=slugify(f"{stem}-{digest[:12]}"),
+        origin={"kind": "checkpoint", "file": os.path.abspath(path), "sha256": digest,
+                "format": opened.format, **opened.details},
+        load=opened.layers, load_regular=opened.regular)
 
 
 def npz_source(path: str) -> Source:

@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import functools
 import json
+import os
 import pickle
 import re
 import struct
@@ -332,6 +333,14 @@ def _read_torch_legacy(path: str) -> dict[str, LazyTensor]:
     return out
 
 
+def _safetensors_head(path: str, magic: bytes) -> bool:
+    """A safetensors file by content: an 8-byte header length inside the file, then `{`."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    return len(head) == 9 and struct.unpack("<Q", magic)[0] < size - 8 and head[8:9] == b"{"
+
+
 def open_checkpoint(path: str) -> dict[str, LazyTensor]:
     """Maps every tensor of a checkpoint file to a LazyTensor, in the file's (network) order
     (safetensors, which keeps no order, in natural name order).
@@ -349,7 +358,7 @@ def open_checkpoint(path: str) -> dict[str, LazyTensor]:
     if len(magic) < 8:
         raise CheckpointError(f"{path}: empty or truncated checkpoint file")
     try:
-        if path.endswith(".safetensors"):
+        if path.endswith(".safetensors") or _safetensors_head(path, magic):
             return _read_safetensors(path)
         if magic[:4] == b"PK\x03\x04":
             return _read_torch_zip(path)
