@@ -55,7 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                for c in np.unique(bank_class)}
     bank_fig = plotting.plot_gallery(
         gallery, run.figure("templates.png"),
-        f"{k}×{k} DoG-family template bank (what the labels are matched against)")
+        f"{k}×{k} DoG-family template bank (labels are fitted to these families posed freely)")
     log(f"spectrum of {num_codes} codes → {run.spectrum_npz}, figures → {fig}, {bank_fig}")
     return {"spectrum": run.spectrum_npz, "labels": run.labels_json, "figure": fig,
             "templates_figure": bank_fig}

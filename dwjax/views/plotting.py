@@ -116,6 +116,13 @@ def plot_spectrum(kernels: np.ndarray, codes: np.ndarray, path: str, labels: dic
         fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=7,
                    frameon=False, bbox_to_anchor=(0.5, 0.02 / fig_h))
     fig.suptitle(title or f"{m} decoded codes", fontsize=9, y=1 - 0.12 / fig_h, va="top")
+    # the colour scale and its sign convention, top right
+    cax = fig.add_axes((1 - 1.6 / fig_w, 1 - 0.22 / fig_h, 0.8 / fig_w, 0.07 / fig_h))
+    bar = fig.colorbar(plt.cm.ScalarMappable(plt.Normalize(-1, 1), _kernel_cmap()), cax=cax,
+                       orientation="horizontal", ticks=[-1, 0, 1])
+    bar.ax.tick_params(labelsize=5, length=1, pad=1)
+    bar.ax.set_xticklabels(["−max", "0", "+max"])
+    bar.ax.set_title("each kernel / its max |w|: red +, blue −", fontsize=5, pad=1)
     return _save(fig, path, formats)
 
 
