@@ -43,3 +43,34 @@ def stage_config(stage: str, arg: str | None = None, **fields):
 # collecting tests does not start a jax backend.
 cpu_only = pytest.mark.skipif("__import__('jax').default_backend() != 'cpu'",
                               reason="asserts a property of the CPU backend")
+
+
+def run_convert(*args, timeout: int = 300):
+    """`python -m dwjax.convert args…` from the repository root (this checkout's dwjax)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dwjax.convert", *args], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def assert_checkpoint_refused(path: str, out, words: str) -> None:
+    """`convert --checkpoint=path` fails with one line naming the file and `words`, and leaves no
+    data directory."""
+    r = run_convert(f"--checkpoint={path}", f"--data_dir={out}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"convert: --checkpoint {path}: ") and words in lines[0]
+    assert not os.path.exists(out)
+
+
+def converted_entry(path: str, out) -> dict:
+    """`convert --checkpoint=path` into `out`; the one source's manifest entry."""
+    import json
+
+    r = run_convert(f"--checkpoint={path}", f"--data_dir={out}")
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(out, "manifest.json")) as f:
+        (entry,) = json.load(f)["sources"]
+    return entry

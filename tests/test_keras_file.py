@@ -2,10 +2,7 @@
 on its JAX backend, saved as `.keras` (zip) and legacy `.h5`; kernels equal `get_weights()` after
 the `[H, W, C, M]` → `[C·M, H, W]` change, in network order with layer names, read with h5py
 alone."""
-import json
 import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported
 keras = pytest.importorskip("keras")
 
+from tests.helpers import assert_checkpoint_refused, converted_entry  # noqa: E402
 from dwjax import convert as convert_mod  # noqa: E402
 from dwjax.io import model_files  # noqa: E402
 from dwjax.io.sources import checkpoint_source  # noqa: E402
@@ -82,10 +80,6 @@ def test_kernels_equal_get_weights(saved, fmt, tmp_path):
     assert entry["origin"]["format"] == fmt
 
 
-def run_convert(*args):
-    return subprocess.run([sys.executable, "-m", "dwjax.convert", *args], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=300)
-
 
 def test_keras_files_without_weights_are_one_line_errors(saved, tmp_path):
     no_weights = str(tmp_path / "no_weights.keras")
@@ -103,13 +97,7 @@ def test_keras_files_without_weights_are_one_line_errors(saved, tmp_path):
     for path, words in [(no_weights, "without weights"), (weights_only, "without a Keras model"),
                         (truncated, "corrupt")]:
         out = tmp_path / f"data_{os.path.basename(path)}"
-        r = run_convert(f"--checkpoint={path}", f"--data_dir={out}")
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1, r.stderr
-        assert lines[0].startswith(f"convert: --checkpoint {path}: ") and words in lines[0]
-        assert not out.exists()
+        assert_checkpoint_refused(path, out, words)
     out = tmp_path / "data"
-    r = run_convert(f"--checkpoint={saved['paths']['keras']}", f"--data_dir={out}")
-    assert r.returncode == 0, r.stderr
-    (entry,) = json.loads((out / "manifest.json").read_text())["sources"]
+    entry = converted_entry(saved["paths"]["keras"], str(out))
     assert entry["num_layers"] == 4 and entry["origin"]["batch_norm"] == "partly"

@@ -4,14 +4,13 @@ dequantisation), node order and names, external data, a channel multiplier, batc
 Fixtures are exported here with `torch.onnx.export` or written with `onnx.helper`."""
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers import assert_checkpoint_refused, run_convert
 from dwjax import convert as convert_mod
 from dwjax.io import model_files
 from dwjax.io.extract import layers_from_module
@@ -243,10 +242,6 @@ def test_channel_multiplier_from_torch_export(tmp_path):
     assert np.array_equal(layer.kernels, conv.weight.detach().numpy()[:, 0])
 
 
-def run_convert(*args):
-    return subprocess.run([sys.executable, "-m", "dwjax.convert", *args], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=300)
-
 
 def test_truncated_and_headless_onnx_are_one_line_errors(exported, tmp_path):
     data = open(exported["paths"]["separate"], "rb").read()
@@ -268,11 +263,7 @@ def test_truncated_and_headless_onnx_are_one_line_errors(exported, tmp_path):
         if content is not None:
             open(path, "wb").write(content)
         out = tmp_path / f"data_{name.replace('/', '_')}"
-        r = run_convert(f"--checkpoint={path}", f"--data_dir={out}")
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1, r.stderr
-        assert lines[0].startswith(f"convert: --checkpoint {path}: ") and words in lines[0]
-        assert not out.exists()
+        assert_checkpoint_refused(path, out, words)
 
 
 def test_cli_converts_an_onnx_file(exported, tmp_path):

@@ -3,14 +3,12 @@ written here with a flatbuffers builder by the published schema's field slots (c
 `tflite` package's generated reader, which dwjax reads with): float32, fp16 behind DEQUANTIZE,
 int8 with per-channel scales, sparse weights behind DENSIFY (CSR and block-sparse), a buffer
 stored past the flatbuffer; kernels equal the values written, in op order with tensor names."""
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from tests.helpers import assert_checkpoint_refused, converted_entry
 from dwjax import convert as convert_mod
 from dwjax.io import model_files, tflite_model
 from dwjax.io.sources import checkpoint_source
@@ -247,6 +245,13 @@ def model(tmp_path_factory):
         return len(T) - 1
 
     ops = []
+
+    def dw(y_in: int, w: int, name: str, options: tuple) -> int:
+        """A DEPTHWISE_CONV_2D from `y_in` with filter `w` into a new [1, 8, 8, 8] tensor."""
+        y_out = add(name=name, shape=[1, 8, 8, 8], type=FLOAT32)
+        ops.append((DW, [y_in, w, -1], [y_out], options))
+        return y_out
+
     x = 0
     w = add(name="dw_f32/filter", shape=[1, 3, 3, 8], type=FLOAT32,
             data=to_filter(k["f32"]).tobytes())
@@ -259,26 +264,22 @@ def model(tmp_path_factory):
               data=to_filter(k["f16"]).tobytes())
     w = add(name="dw_f16/filter", shape=[1, 5, 5, 8], type=FLOAT32)
     ops.append((DEQUANTIZE, [w16], [w], None))
-    y3 = add(name="y3", shape=[1, 8, 8, 8], type=FLOAT32)
-    ops.append((DW, [y2, w, -1], [y3], (1, 2, 2)))  # multiplier 2 over 4 channels
+    y3 = dw(y2, w, "y3", (1, 2, 2))  # multiplier 2 over 4 channels
     w = add(name="dw_int8/filter", shape=[1, 3, 3, 8], type=INT8,
             data=to_filter(k["int8"]).tobytes(), quant=(scale, zero, 3))
-    y4 = add(name="y4", shape=[1, 8, 8, 8], type=FLOAT32)
-    ops.append((DW, [y3, w, -1], [y4], (1, 1, 1)))
+    y4 = dw(y3, w, "y4", (1, 1, 1))
     ws = add(name="dw_csr/filter_sparse", shape=[1, 3, 3, 8], type=FLOAT32,
              data=csr_values.tobytes(), sparsity=csr_sp)
     w = add(name="dw_csr/filter", shape=[1, 3, 3, 8], type=FLOAT32)
     ops.append((DENSIFY, [ws], [w], None))
-    y5 = add(name="y5", shape=[1, 8, 8, 8], type=FLOAT32)
-    ops.append((DW, [y4, w, -1], [y5], (1, 1, 1)))
+    y5 = dw(y4, w, "y5", (1, 1, 1))
     ws = add(name="dw_block/filter_sparse", shape=[1, 3, 3, 8], type=FLOAT16,
              data=blk_values.tobytes(), sparsity=blk_sp)
     wd = add(name="dw_block/filter_fp16", shape=[1, 3, 3, 8], type=FLOAT16)
     ops.append((DENSIFY, [ws], [wd], None))
     w = add(name="dw_block/filter", shape=[1, 3, 3, 8], type=FLOAT32)
     ops.append((DEQUANTIZE, [wd], [w], None))
-    y6 = add(name="y6", shape=[1, 8, 8, 8], type=FLOAT32)
-    ops.append((DW, [y5, w, -1], [y6], (1, 1, 1)))
+    y6 = dw(y5, w, "y6", (1, 1, 1))
     w = add(name="dw_ext/filter", shape=[1, 7, 7, 6], type=FLOAT32,
             external=to_filter(k["ext"]).tobytes())
     y7 = add(name="y7", shape=[1, 8, 8, 6], type=FLOAT32)
@@ -348,10 +349,6 @@ def test_densify_matches_the_dense_tensor_on_random_patterns():
                                                    levels), dense)
 
 
-def run_convert(*args):
-    return subprocess.run([sys.executable, "-m", "dwjax.convert", *args], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=300)
-
 
 def test_bad_tflite_files_are_one_line_errors(model, tmp_path):
     regular = np.zeros((4, 3, 3, 8), np.float32)
@@ -369,13 +366,7 @@ def test_bad_tflite_files_are_one_line_errors(model, tmp_path):
         open(cases[-1][0], "wb").write(data[:size])
     for path, words in cases:
         out = tmp_path / f"data_{os.path.basename(path)}"
-        r = run_convert(f"--checkpoint={path}", f"--data_dir={out}")
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1, r.stderr
-        assert lines[0].startswith(f"convert: --checkpoint {path}: ") and words in lines[0]
-        assert not out.exists()
+        assert_checkpoint_refused(path, out, words)
     out = tmp_path / "data"
-    r = run_convert(f"--checkpoint={model['path']}", f"--data_dir={out}")
-    assert r.returncode == 0, r.stderr
-    (entry,) = json.loads((out / "manifest.json").read_text())["sources"]
+    entry = converted_entry(model["path"], str(out))
     assert entry["num_layers"] == 6

@@ -29,7 +29,8 @@ import zipfile
 from typing import Callable
 
 from dwjax.errors import CheckpointError
-from dwjax.io import checkpoint_shards, keras_file, onnx_graph, tflite_model, weight_files
+from dwjax.io import (checkpoint_shards, keras_file, onnx_graph, shards, tflite_model,
+                      weight_files)
 from dwjax.io.extract import DepthwiseLayer, GraphWeights, layers_from_state, regular_sample
 
 GRAPH_READERS = {"onnx": onnx_graph.read_onnx, "tflite": tflite_model.read_tflite,
@@ -52,18 +53,10 @@ class ModelFile:
     def sha256(self) -> str:
         """The file's sha256; for several files, the sha256 of their `name sha256` lines."""
         if len(self.files) == 1:
-            return _sha256_file(self.files[0])
+            return shards.sha256_file(self.files[0])
         lines = sorted(f"{os.path.relpath(p, os.path.dirname(self.files[0]))} "
-                       f"{_sha256_file(p)}\n" for p in self.files)
+                       f"{shards.sha256_file(p)}\n" for p in self.files)
         return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def _sha256_file(path: str, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def detect_format(path: str) -> str:

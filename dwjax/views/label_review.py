@@ -90,7 +90,7 @@ def labels_section(ctx: Context) -> list[Entry]:
     k = labels["kernel_size"]
     if not labels["intervals"]:
         return [Entry("Labels: names earned by the kernels",
-                      "labels.json has no labelled interval (e.g. an untrained control): every "
+                      "No interval is labelled in labels.json (e.g. an untrained control): every "
                       "clustered kernel is 'Others'.")]
     acc = _accumulate(ctx, labels, np.random.default_rng(ctx.seed))
     if acc is None:
