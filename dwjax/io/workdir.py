@@ -12,6 +12,7 @@ loads the trained model from it). Every stage asks here; none spells a run-direc
     <workdir>/kmeans_k<k>.npz         the 3×3 path's centroids
     <workdir>/assignments/            per-shard rows and statistics (dwjax.io.assignment_files)
     <workdir>/report/                 tables and figures (report stage)
+    <workdir>/masterkeys/             master key filters and their rows (io.masterkey_files)
 """
 from __future__ import annotations
 
@@ -76,6 +77,11 @@ class RunDir:
     @property
     def report(self) -> str:
         return os.path.join(self.path, "report")
+
+    @property
+    def masterkeys(self) -> str:
+        """Master key filters: bank, coverage, rows (dwjax.io.masterkey_files)."""
+        return os.path.join(self.path, "masterkeys")
 
 
 def ensure_dir(run: RunDir) -> None:
