@@ -154,13 +154,14 @@ def subspace_coverage(units: np.ndarray, basis: np.ndarray) -> np.ndarray:
 
 
 def fit(kernels, bank: np.ndarray) -> Fit:
-    """Fits each raw kernel `[N, k, k]` to its best filter of `bank [K, k*k]` (unit, centred;
-    `unit_filters`); see the module doc."""
+    """Fits each raw kernel `[N, k, k]` to its best filter of `bank` `[K, k*k]` or `[K, k, k]`
+    (unit, centred: `unit_filters`); see the module doc."""
     y = np.asarray(kernels, np.float64).reshape(len(kernels), -1)
+    bank = np.asarray(bank, np.float64).reshape(len(bank), -1)
     live = preprocess.valid_mask(y)
     b = y.mean(axis=1)
     yc = y - b[:, None]
-    proj = yc @ np.asarray(bank, np.float64).T
+    proj = yc @ bank.T
     j = np.argmax(np.abs(proj), axis=1) if len(y) else np.zeros(0, np.int64)
     a = np.take_along_axis(proj, j[:, None], axis=1)[:, 0] if len(y) else np.zeros(0)
     energy = np.sum(yc * yc, axis=1)
@@ -189,5 +190,7 @@ def rebuild(bank: np.ndarray, index: np.ndarray, scale: np.ndarray,
 
 def replaced_kernels(kernels, bank: np.ndarray) -> np.ndarray:
     """`[N, k, k]` float32: each kernel replaced by its fit a·x_j + b (`fit`, then `rebuild`); a
-    dead kernel by its mean."""
+    dead kernel by its mean. The bank is taken as float32 (what bank.npy and a frozen layer
+    hold), for the fit too, so every route computes the same scales."""
+    bank = np.asarray(bank, np.float32)
     return rebuild(bank, *fit(kernels, bank).layer_parameters())
