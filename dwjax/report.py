@@ -27,7 +27,7 @@ from dwjax import cli
 from dwjax.errors import RunDirError
 from dwjax.io import assignment_files, atomic
 from dwjax.io import workdir as workdir_lib
-from dwjax.views import label_review
+from dwjax.views import label_review, masterkey_sections
 from dwjax.views import page as page_lib
 from dwjax.views import sections, source_sections
 
@@ -90,7 +90,8 @@ def _write(rundir: workdir_lib.RunDir, stats: list[dict], out: str, layers: list
              ("labels", label_review.labels_section),
              ("samples", sections.class_samples),
              ("regular vs depthwise", sections.regular_vs_depthwise),
-             ("centroids", source_sections.centroids)]
+             ("centroids", source_sections.centroids),
+             ("master keys", masterkey_sections.master_keys)]
     if layers:
         steps.append(("layer samples", lambda c: sections.layer_samples(c, layers)))
     if compare:
