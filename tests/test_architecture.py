@@ -143,6 +143,8 @@ OWNERS = {
     '"spectrum.npz"': "io.workdir", '"kmeans_k': "io.workdir", '"checkpoints"': "io.workdir",
     '"manifest.json"': "io.shards", '"source.json"': "io.shards", '.npy"': "io.shards",
     '"settings.json"': "io.assignment_files", '"summary.json"': "io.assignment_files",
+    '"bank.txt"': "io.masterkey_files", '"bank.npy"': "io.masterkey_files",
+    '"coverage.csv"': "io.masterkey_files", '"functional.csv"': "io.masterkey_files",
 }
 
 
@@ -155,8 +157,10 @@ def _string_literals(tree: ast.Module) -> list[str]:
             and isinstance(n.value, str) and id(n) not in docs]
 
 
-# Files of the same name that are another artifact: a Hugging Face model directory's config.json.
-ALSO_SPELT = {('"config.json"', "io.checkpoint_shards"), ('"config.json"', "io.model_files")}
+# Files of the same name that are another artifact: a Hugging Face model directory's config.json;
+# the master-key bank's .npy (not a kernel shard).
+ALSO_SPELT = {('"config.json"', "io.checkpoint_shards"), ('"config.json"', "io.model_files"),
+              ('.npy"', "io.masterkey_files")}
 
 
 def test_each_artifact_path_has_one_owner():
