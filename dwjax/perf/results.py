@@ -9,6 +9,7 @@ or over its own output, gives the same bytes.
 from __future__ import annotations
 
 import os
+import textwrap
 
 from dwjax.errors import UserError
 from dwjax.io import atomic
@@ -28,9 +29,16 @@ def _fmt(x) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
+def note_lines(part: str, note: str, width: int = 100) -> list[str]:
+    """A benchmark's note (what a row counts, why it has no ratio) as lines of at most `width`
+    columns under the table's part column."""
+    return textwrap.wrap(note, width, initial_indent=f"{part:<9}note: ",
+                         subsequent_indent=" " * 15, break_on_hyphens=False)
+
+
 def table(result: dict) -> str:
-    """The one table: a line per ratio ([unit] after the measure), then the machine and the load
-    averages; at most 100 columns."""
+    """The one table: a line per ratio ([unit] after the measure), each benchmark's notes, then
+    the machine and the load averages; at most 100 columns."""
     m = result["machine"]
     lines = [f"{'part':<9}{'measure [unit]':<47}{'ours':>11}{'reference':>11}{'ratio':>8}  target"]
     for e in result["benchmarks"]:
@@ -42,6 +50,8 @@ def table(result: dict) -> str:
             what = f"{r['what']} [{r['unit']}]"
             lines.append(f"{e['benchmark']:<9}{what:<47}{_fmt(r['ours']):>11}"
                          f"{_fmt(r['reference']):>11}{ratio:>8}  {r['target']}".rstrip())
+        for note in e.get("notes", []):
+            lines += note_lines(e["benchmark"], note)
     sizes = result.get("sizes", {})
     if any(e["benchmark"] == "convert" and not e["skipped"] for e in result["benchmarks"]):
         lines.append(f"convert model: {sizes.get('convert_model')}")
