@@ -8,10 +8,16 @@ load average; on a GPU or TPU the absolute times too. The table is also written 
 machine, then one entry per benchmark with its rows and figures. Parts needing torch say so instead
 of failing without it. `--benchmarks_md` rewrites the latest-run section of BENCHMARKS.md from this
 run, keeping its history.
+
+Sizes are flags (`--assign_n=10000000 --assign_small_n=1000000`, `--kmeans_n=50000000
+--kmeans_small_n=5000000`, ...); the kernel sets are made in the system's temporary directory, and
+a run it has no room for is refused before it starts.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -34,9 +40,15 @@ SIZES = {
     "train_synthetic": (0, 0),
     "assign_n": (1_000_000, 200_000),
     "assign_small_n": (250_000, 50_000),
-    "naive_n": (20_000, 10_000),
+    "naive_n": (100_000, 20_000),
     "assign_5x5_n": (500_000, 200_000),
+    "degenerate_n": (1_000_000, 200_000),
+    "kmeans_n": (2_000_000, 400_000),
+    "kmeans_small_n": (500_000, 100_000),
 }
+# Sizes that may be 0 (that part skipped), and (smaller, larger) pairs of one comparison.
+OPTIONAL = ("train_synthetic", "assign_5x5_n", "degenerate_n", "kmeans_n")
+PAIRS = (("assign_small_n", "assign_n"), ("kmeans_small_n", "kmeans_n"))
 
 
 def command_line(parts: Sequence[str], quick: bool, sizes: dict) -> str:
@@ -76,8 +88,10 @@ def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str 
             entries.append(train_speed.run(s["train_epochs"], s["train_batch_size"],
                                            synthetic=s["train_synthetic"], log=log))
         else:
-            entries.append(assign_speed.run(s["assign_n"], s["assign_small_n"], s["naive_n"],
-                                            n_5x5=s["assign_5x5_n"], log=log))
+            entries.append(assign_speed.run(
+                s["assign_n"], s["assign_small_n"], s["naive_n"], n_5x5=s["assign_5x5_n"],
+                n_degenerate=s["degenerate_n"], n_kmeans=s["kmeans_n"],
+                small_kmeans=s["kmeans_small_n"], log=log))
     result = {"format": "dwjax-bench/1", "date": time.strftime("%Y-%m-%d", time.gmtime()),
               "command": command_line(parts, quick, sizes), "quick": quick, "sizes": s,
               "machine": machine, "load_average_end": machine_lib.load_average(),
@@ -86,6 +100,28 @@ def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str 
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         atomic.write_json(json_path, result)
     return result
+
+
+def check_sizes(sizes: dict, quick: bool, parts: Sequence[str]) -> None:
+    """Refuses sizes that cannot make a run, and an assign run the temporary directory has no
+    room for, before anything runs (`ConfigError`, one line)."""
+    for k, v in sizes.items():
+        if isinstance(v, int) and v < (0 if k in OPTIONAL else 1):
+            raise ConfigError(f"--{k} {v}: must be at least {0 if k in OPTIONAL else 1}")
+    s = {k: (sizes.get(k) if sizes.get(k) is not None else v[int(quick)])
+         for k, v in SIZES.items()}
+    for small, big in PAIRS:
+        if s[big] and s[small] >= s[big]:
+            raise ConfigError(f"--{small} {s[small]}: must be below --{big} {s[big]}")
+    if "assign" in parts:
+        need = assign_speed.disk_bytes(s["assign_n"], s["assign_small_n"], s["kmeans_n"],
+                                       s["kmeans_small_n"])
+        where = tempfile.gettempdir()
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise ConfigError(f"--assign_n {s['assign_n']}, --kmeans_n {s['kmeans_n']}: need "
+                              f"about {need / 1e9:.1f} GB free in {where}, which has "
+                              f"{free / 1e9:.1f} GB")
 
 
 FLAGS = flags.FLAGS
@@ -109,8 +145,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("assign_n", None, "Kernels of the assign benchmark.")
     flags.DEFINE_integer("assign_small_n", None, "The smaller N of the peak-RSS comparison.")
     flags.DEFINE_integer("naive_n", None, "Kernels of the naive full-matrix assignment.")
-    flags.DEFINE_integer("assign_5x5_n", None, "Real 5x5 kernels (repeated) of the trained-5x5 "
-                         "pruned vs brute-force comparison; 0 skips it.")
+    flags.DEFINE_integer("assign_5x5_n", None, "At most this many distinct real 5x5 kernels (the "
+                         "embedded default's) for the trained-5x5 pruned vs brute-force "
+                         "comparison; 0 skips it.")
+    flags.DEFINE_integer("degenerate_n", None, "Kernels of the degenerate-curve comparison "
+                         "(--config.search=auto vs brute vs pruned end to end); 0 skips it.")
+    flags.DEFINE_integer("kmeans_n", None, "3x3 kernels of the k-means peak-RSS comparison "
+                         "(`python -m dwjax.assign --kernel_size=3`); 0 skips it.")
+    flags.DEFINE_integer("kmeans_small_n", None, "The smaller N of the k-means comparison.")
 
 
 def main(argv):
@@ -119,9 +161,7 @@ def main(argv):
     runtime.use_every_cpu_core()  # as `python -m dwjax.assign` runs its search
     with cli.user_errors("bench"):
         sizes = {k: getattr(FLAGS, k) for k in SIZES}
-        for k, v in sizes.items():
-            if isinstance(v, int) and v < (0 if k in ("train_synthetic", "assign_5x5_n") else 1):
-                raise ConfigError(f"--{k} {v}: must be at least 1")
+        check_sizes(sizes, FLAGS.quick, FLAGS.parts)
         json_path = FLAGS.json or os.path.join(paths.home(), "bench.json")
         if FLAGS.benchmarks_md:  # a file without markers fails now, not after the run
             results.check_benchmarks_md(FLAGS.benchmarks_md)
