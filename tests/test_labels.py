@@ -17,7 +17,7 @@ LABELS = {"kernel_size": 7, "intervals": [
     {"start": 0.25, "end": 0.4, "label": "On-Centre Cross"},  # hand-written: auto/score omitted
     {"start": 0.9, "end": 1.0, "label": "On-Centre 1st derivative (x)", "auto": True, "score": 0.8},
 ]}
-NEW_KEYS = {"margin": None, "exemplar": None, "fit": None, "nearest": None}
+NEW_KEYS = {"margin": None, "exemplar": None, "fit": None, "nearest": None, "check": None}
 
 
 def test_round_trip(tmp_path):
@@ -34,8 +34,8 @@ def test_round_trip(tmp_path):
 
 
 def test_old_files_load_and_new_keys_round_trip(tmp_path):
-    """A file written before score/margin/exemplar/fit/nearest existed still loads; the new keys
-    are kept when present."""
+    """A file written before score/margin/exemplar/fit/nearest/check existed still loads; the new
+    keys are kept when present."""
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"kernel_size": 5, "intervals": [
         {"start": 0.0, "end": 0.5, "label": "On-Square"}]}))
@@ -44,7 +44,8 @@ def test_old_files_load_and_new_keys_round_trip(tmp_path):
     full = {"kernel_size": 5, "intervals": [
         {"start": 0.0, "end": 0.3, "label": "Unnamed pattern 1", "auto": True, "score": 0.61,
          "margin": -0.19, "exemplar": 0.12, "nearest": "Off-Centre",
-         "fit": {"family": "dog", "sign": -1, "sigma": 0.5, "theta_deg": 0.0}},
+         "fit": {"family": "dog", "sign": -1, "sigma": 0.5, "theta_deg": 0.0},
+         "check": {"verdict": "unchecked", "count": 31}},
         {"start": 0.3, "end": 1.0, "label": "Diagonal bar", "auto": False}]}
     path = tmp_path / "new.json"
     L.save_labels(path, full)
