@@ -76,6 +76,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     if not len(units):
         raise MasterKeysError(f"--data_dir {data_dir}: every {k}x{k} kernel is dead (constant)")
     bank, ranked, described = _bank(config, rundir, k, units, log)
+    if config.check.enabled and _check_ks(config.check.ks)[-1] > len(ranked):
+        raise ConfigError(f"--config.check.ks {config.check.ks}: the bank ranks only "
+                          f"{len(ranked)} filters (raise --config.curve)")
     coverage = _coverage(units, ranked, min(config.curve, len(ranked)), config.seed, k)
     flat = bank.reshape(len(bank), -1)
     settings = {"kernel_size": k, "bank": described, "num_filters": len(bank),
@@ -301,9 +304,6 @@ def _functional_check(config: ml_collections.ConfigDict, folder: str, k: int,
     from dwjax.perf import master_key_agreement  # torch: only when the check is asked for
 
     ks = _check_ks(config.check.ks)
-    if ks[-1] > len(ranked):
-        raise ConfigError(f"--config.check.ks {config.check.ks}: the bank ranks only "
-                          f"{len(ranked)} filters (raise --config.curve)")
     banks = {K: ranked[:K].reshape(K, k, k).astype(np.float32) for K in ks}
     rows = master_key_agreement.agreement(
         k, banks, seed=config.seed, images=config.check.images,

@@ -319,6 +319,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_run, data, tmp_path):
             (dict(bank=str(tmp_path / "none.txt")), {}, ("cannot read",)),
             (dict(bank="scale_space", scale_space="dz 1 1"), {}, ("unknown operator",)),
             (dict(check__enabled=True, check__ks="1,x"), {}, ("--config.check.ks",)),
+            (dict(check__enabled=True, check__ks="1,32"), {}, ("ranks only 16",)),
             ({}, dict(replace="/nonexistent.pth"), ("--replace and --out",))]:
         with pytest.raises(UserError) as e:
             masterkeys.run(config(**fields), run, data, **kw, **QUIET)

@@ -20,8 +20,8 @@ def test_a_derived_bank_recovers_every_planted_filter(k, tmp_path):
     put ≥ 95 % of the kernels on the bank filter nearest their planted one.
 
     Five filters (ten clusters with the signs) stay within what a 1-D code learns in a short run;
-    with a sixth, a dy beside the dx, the 5×5 curve missed one of the two in three of four
-    trainings (BENCHMARKS.md, master keys)."""
+    with a sixth, a dy beside the dx, every 5×5 training tried missed at least one of the six
+    (BENCHMARKS.md, master key filters)."""
     bank = mk.unit_filters(scale_space.bank(PLANTED_SPEC, k))
     kern, truth = planted(bank, 6000, 0, noise=0.1)
     data = make_data_dir(tmp_path, {"planted": kern})
