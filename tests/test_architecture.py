@@ -160,6 +160,7 @@ def _string_literals(tree: ast.Module) -> list[str]:
 # Files of the same name that are another artifact: a Hugging Face model directory's config.json;
 # the master-key bank's .npy (not a kernel shard).
 ALSO_SPELT = {('"config.json"', "io.checkpoint_shards"), ('"config.json"', "io.model_files"),
+              ('"config.json"', "io.keras_file"),
               ('.npy"', "io.masterkey_files")}
 
 
