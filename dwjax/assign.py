@@ -287,14 +287,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     job = config.job
     _check_config(config)
     rundir = workdir_lib.RunDir(workdir)
+    k = workdir_lib.resolve_kernel_size(rundir, config.kernel_size, "3×3 k-means needs none")
     k_saved = workdir_lib.saved_kernel_size(rundir)
-    k = config.kernel_size or k_saved
-    if k is None:
-        raise AssignError(f"--workdir {workdir}: no training run there; pass --kernel_size "
-                          "(3×3 k-means needs none)")
-    if k_saved is not None and config.kernel_size is not None and k_saved != config.kernel_size:
-        raise AssignError(f"--kernel_size {config.kernel_size}: the run in {workdir} was trained "
-                          f"on {k_saved}x{k_saved} kernels")
     method = config.method or default_method(k)
     data_dir = sources.data_dir_or_default(data_dir, log)
     shard_list = list(shards.iter_shards(data_dir, k))
@@ -410,9 +404,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
-    flags.DEFINE_string("data_dir", None,
-                        "Kernel shards to assign (default $DWJAX_HOME/data); any converted set.")
+    cli.define_workdir_flags("Kernel shards to assign")
     runtime.define_distributed_flags()
 
 
@@ -437,12 +429,9 @@ def main(argv):
             barrier = lambda: multihost_utils.sync_global_devices("dwjax.assign")  # noqa: E731
         summary = run(config, workdir, FLAGS.data_dir, wait_for_workers=barrier)
     rows = workdir_lib.RunDir(workdir).assignments
-    if summary["complete"]:
-        print(f"{summary['clustered']:,} of {summary['kernels']:,} kernels clustered "
-              f"({100 * summary['clustered_fraction']:.1f}%); per-kernel rows in {rows}/")
-    else:
-        print(f"worker {config.job.worker_index}: its parts are assigned; rows in {rows}/")
-    runtime.skip_final_collection()
+    cli.end_job(summary, lambda s: f"{s['clustered']:,} of {s['kernels']:,} kernels clustered "
+                f"({100 * s['clustered_fraction']:.1f}%); per-kernel rows in {rows}/",
+                config.job.worker_index, rows, "assigned")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,25 @@ def run_workdir_stage(stage: str, core: Callable[..., object], what: str) -> Non
     run_config_stage(stage, main, define_flags)
 
 
+def define_workdir_flags(data: str) -> None:
+    """`--workdir` and `--data_dir` (`data`: what the shards are for) as the stages on a trained
+    run take them."""
+    flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
+    flags.DEFINE_string("data_dir", None,
+                        f"{data} (default $DWJAX_HOME/data); any converted set.")
+
+
+def end_job(summary: dict, done: Callable[[dict], str], worker_index: int, rows: str,
+            verb: str) -> None:
+    """The last line of a job split into parts (assign, masterkeys): `done(summary)` once every
+    part is done, else what this worker did; then the exit skips the final collections."""
+    if summary["complete"]:
+        print(done(summary))
+    else:
+        print(f"worker {worker_index}: its parts are {verb}; rows in {rows}/")
+    runtime.skip_final_collection()
+
+
 def stage_config() -> ml_collections.ConfigDict:
     """The parsed `--config`, checked against `--kernel_size` when both name one."""
     config = FLAGS.config

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from dwjax import cli, runtime
+from dwjax import cli
 from dwjax.errors import ConfigError, UserError
 from dwjax.io import assignment_files, atomic, paths, shards, sources
 from dwjax.io import checkpoint_rewrite
@@ -60,14 +60,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     _check_config(config, replace, out)
     job = config.job
     rundir = workdir_lib.RunDir(workdir)
-    k_saved = workdir_lib.saved_kernel_size(rundir)
-    k = config.kernel_size or k_saved
-    if k is None:
-        raise MasterKeysError(f"--workdir {workdir}: no training run there; pass --kernel_size "
-                              "(with a bank file or --config.bank=scale_space)")
-    if k_saved is not None and config.kernel_size is not None and k_saved != config.kernel_size:
-        raise MasterKeysError(f"--kernel_size {config.kernel_size}: the run in {workdir} was "
-                              f"trained on {k_saved}x{k_saved} kernels")
+    k = workdir_lib.resolve_kernel_size(rundir, config.kernel_size,
+                                        "with a bank file or --config.bank=scale_space")
     data_dir = sources.data_dir_or_default(data_dir, log)
     shard_list = list(shards.iter_shards(data_dir, k))
     if not shard_list:
@@ -318,12 +312,12 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "Run directory (default $DWJAX_HOME/runs/k<kernel_size>).")
-    flags.DEFINE_string("data_dir", None,
-                        "Kernel shards to fit (default $DWJAX_HOME/data); any converted set.")
-    flags.DEFINE_string("replace", None, "A .pth/.safetensors whose depthwise kernels of the "
-                        "bank's size are replaced by their fits (with --out).")
-    flags.DEFINE_string("out", None, "Where the replaced checkpoint is written.")
+    cli.define_workdir_flags("Kernel shards to fit")
+    replacement = {"replace": "A .pth/.safetensors whose depthwise kernels of the bank's size are "
+                              "replaced by their fits (with --out).",
+                   "out": "Where the replaced checkpoint is written."}
+    for name, meaning in replacement.items():
+        flags.DEFINE_string(name, None, meaning)
 
 
 def main(argv):
@@ -334,13 +328,9 @@ def main(argv):
         workdir = FLAGS.workdir or paths.default_workdir(config.kernel_size or 5)
         summary = run(config, workdir, FLAGS.data_dir, replace=FLAGS.replace, out=FLAGS.out)
     rows = mk_files.rows_dir(workdir_lib.RunDir(workdir).masterkeys)
-    if summary["complete"]:
-        print(f"{summary['fitted']:,} of {summary['kernels']:,} kernels fitted to "
-              f"{summary['num_filters']} filters, mean explained fraction "
-              f"{summary['mean_r2']:.3f}; rows in {rows}/")
-    else:
-        print(f"worker {config.job.worker_index}: its parts are fitted; rows in {rows}/")
-    runtime.skip_final_collection()
+    cli.end_job(summary, lambda s: f"{s['fitted']:,} of {s['kernels']:,} kernels fitted to "
+                f"{s['num_filters']} filters, mean explained fraction {s['mean_r2']:.3f}; "
+                f"rows in {rows}/", config.job.worker_index, rows, "fitted")
 
 
 if __name__ == "__main__":

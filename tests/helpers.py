@@ -74,3 +74,14 @@ def converted_entry(path: str, out) -> dict:
     with open(os.path.join(out, "manifest.json")) as f:
         (entry,) = json.load(f)["sources"]
     return entry
+
+
+def train_briefly(data: str, workdir: str, epochs: int = 2) -> str:
+    """A 5×5 run trained for `epochs` on `data` with small batches (test fixtures)."""
+    from dwjax import train
+    from dwjax.configs import train as train_configs
+
+    c = train_configs.get_config("5")
+    c.num_epochs, c.batch_size, c.eval_batch_size = epochs, 64, 512
+    train.run(c, workdir, data, log=lambda *_: None)
+    return workdir

@@ -14,7 +14,7 @@ from dwjax.configs import train as train_configs
 
 from dwjax import train
 from dwjax.patterns import templates
-from tests.helpers import make_data_dir
+from tests.helpers import train_briefly, make_data_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(log=lambda *_: None)
@@ -43,11 +43,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
-    c = train_configs.get_config("5")
-    c.num_epochs, c.batch_size, c.eval_batch_size = 2, 64, 512
-    w = str(tmp_path_factory.mktemp("trained") / "run")
-    train.run(c, w, data, **QUIET)
-    return w
+    return train_briefly(data, str(tmp_path_factory.mktemp("trained") / "run"))
 
 
 def _listing(path):

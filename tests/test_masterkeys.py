@@ -10,16 +10,15 @@ import zipfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from dwjax.configs import train as train_configs
 
-from dwjax import assign, masterkeys, report, train
+from dwjax import assign, masterkeys, report
 from dwjax.errors import UserError
 from dwjax.io import checkpoint_rewrite, shards
 from dwjax.io import masterkey_files as mk_files
 from dwjax.io import workdir as workdir_lib
 from dwjax.patterns import master_keys as mk
 from dwjax.patterns import scale_space
-from tests.helpers import make_data_dir, stage_config
+from tests.helpers import train_briefly, make_data_dir, stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(log=lambda *_: None)
@@ -217,11 +216,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(data, tmp_path_factory):
     """A briefly trained 5×5 run on `data` (its decoder gives the candidates)."""
-    c = train_configs.get_config("5")
-    c.num_epochs, c.batch_size, c.eval_batch_size = 3, 64, 512
-    w = str(tmp_path_factory.mktemp("tiny") / "run")
-    train.run(c, w, data, **QUIET)
-    return w
+    return train_briefly(data, str(tmp_path_factory.mktemp("tiny") / "run"), epochs=3)
 
 
 def _table(workdir):

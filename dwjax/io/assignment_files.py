@@ -185,14 +185,22 @@ class PartWriter:
             return {"kernels": int(row.sum()), "clustered": int(clustered),
                     "labels": {name: int(n) for name, n in zip(self.label_names, row) if n}}
 
-        s = self.part.shard
-        return {"source": s.source, "shard_dir": s.dir, "shard_sha256": s.sha256,
-                "data_dir": self.data_dir, "kernel_size": self.k, "start": self.part.start,
-                "stop": self.part.stop, "shard_rows": len(s.kernels),
-                **counts(self.counts.sum(axis=0), self.clustered.sum()),
-                "layers": [{"layer": int(lid), "layer_name": name,
-                            **counts(self.counts[i], self.clustered[i])}
-                           for i, (lid, name) in enumerate(zip(self.layer_ids, self.layer_names))]}
+        return part_statistics(self.part, self.data_dir, self.k, self.layer_ids, self.layer_names,
+                               counts(self.counts.sum(axis=0), self.clustered.sum()),
+                               [counts(self.counts[i], self.clustered[i])
+                                for i in range(len(self.layer_ids))])
+
+
+def part_statistics(part: Part, data_dir: str, k: int, layer_ids, layer_names: Sequence[str],
+                    total: dict, per_layer: Sequence[dict]) -> dict:
+    """A part's statistics file: where its rows come from, `total` counts and one `per_layer`
+    dict of counts per layer (what `read_stats` merges and `report` reads)."""
+    s = part.shard
+    return {"source": s.source, "shard_dir": s.dir, "shard_sha256": s.sha256,
+            "data_dir": data_dir, "kernel_size": k, "start": part.start, "stop": part.stop,
+            "shard_rows": len(s.kernels), **total,
+            "layers": [{"layer": int(lid), "layer_name": name, **counts}
+                       for lid, name, counts in zip(layer_ids, layer_names, per_layer)]}
 
 
 # ----------------------------------------------------------------------------- settings, summary

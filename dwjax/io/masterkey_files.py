@@ -250,14 +250,10 @@ class PartWriter:
                     "r2_sum": float(r2_sum),
                     "labels": {name: int(v) for name, v in zip(names, row) if v}}
 
-        s = self.part.shard
-        return {"source": s.source, "shard_dir": s.dir, "shard_sha256": s.sha256,
-                "data_dir": self.data_dir, "kernel_size": self.k, "start": self.part.start,
-                "stop": self.part.stop, "shard_rows": len(s.kernels),
-                **counts(self.counts.sum(axis=0), self.r2_sum.sum()),
-                "layers": [{"layer": int(lid), "layer_name": name,
-                            **counts(self.counts[i], self.r2_sum[i])}
-                           for i, (lid, name) in enumerate(zip(self.layer_ids, self.layer_names))]}
+        return assignment_files.part_statistics(
+            self.part, self.data_dir, self.k, self.layer_ids, self.layer_names,
+            counts(self.counts.sum(axis=0), self.r2_sum.sum()),
+            [counts(self.counts[i], self.r2_sum[i]) for i in range(len(self.layer_ids))])
 
 
 def write_summary(out_dir: str, summary: dict) -> dict:

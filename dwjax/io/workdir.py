@@ -153,3 +153,16 @@ def architecture(config: ml_collections.ConfigDict) -> dict:
     (kernel size and widths)."""
     return {"kernel_size": int(config.kernel_size), "hidden": [int(h) for h in config.model.hidden],
             "negative_slope": float(config.model.negative_slope)}
+
+
+def resolve_kernel_size(run: RunDir, kernel_size: int | None, hint: str) -> int:
+    """The kernel size a stage works on: `kernel_size` when given (it must be the trained run's,
+    if there is one), else the trained run's; `hint` says what to pass when there is neither."""
+    saved = saved_kernel_size(run)
+    if kernel_size is None and saved is None:
+        raise RunDirError(f"--workdir {run.path}: no training run there; pass --kernel_size "
+                          f"({hint})")
+    if saved is not None and kernel_size is not None and saved != kernel_size:
+        raise RunDirError(f"--kernel_size {kernel_size}: the run in {run.path} was trained on "
+                          f"{saved}x{saved} kernels")
+    return kernel_size or saved

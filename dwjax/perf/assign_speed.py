@@ -219,25 +219,32 @@ def host_rates(workdir: str, big: str, small: str, env: dict, n: int, small_n: i
     return out
 
 
-def _median_radius(workdir: str) -> float:
+def decoded_codes(workdir: str) -> np.ndarray:
+    """The `[M, d]` reconstructions of a run's M evenly spaced codes, as `assign` decodes them."""
     from dwjax.io import workdir as workdir_lib
     from dwjax.model import decoder, restore
-    from dwjax.search import device_programs, nearest
 
     params, config = restore.load_params(workdir_lib.RunDir(workdir))
-    _, recon = decoder.decode_codes(params, config.model.negative_slope, M)
-    tiles = device_programs.tiles(recon, nearest.DEFAULT_TILE_M)
-    return float(device_programs.pruned_tables(tiles).radius)
+    return decoder.decode_codes(params, config.model.negative_slope, M)[1]
 
 
 def degenerate_curve(tmp: str, env: dict, data: str, n: int, reps: int = 3) -> dict:
     """The command on a degenerate decoder (one epoch on random kernels) with
     `--config.search=auto|brute|pruned`: best wall of `reps` interleaved runs each, auto's own
-    log line, and whether all three wrote the same rows."""
+    log line, the decoder's median cap radius and the share of brute force's products the pruned
+    search does on these kernels, and whether all three wrote the same rows."""
+    from dwjax.search import device_programs, nearest
+
     noise = assign_jobs.convert_set(tmp, "noise", 20_000, env, blocks=[
         np.random.default_rng(5).standard_normal((20_000, K, K)).astype(np.float32)])
     workdir = assign_jobs.train_decoder(tmp, env, 1, name="run_degenerate", data=noise)
-    out: dict = {"n": n, "median_cap_radius": _median_radius(workdir)}
+    recon = decoded_codes(workdir)
+    tables = device_programs.pruned_tables(device_programs.tiles(recon, nearest.DEFAULT_TILE_M))
+    (shard,) = shards.iter_shards(data, K)
+    out: dict = {"n": n, "median_cap_radius": float(tables.radius),
+                 "pruned_visited_fraction":
+                     search_work.pruned_gemm_flops(shard.kernels, recon)["visited_fraction"]}
+    del shard
     walls: dict = {m: [] for m in ("auto", "brute", "pruned")}
     digests = {}
     for _ in range(reps):
@@ -326,11 +333,7 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
         cmd_small = assign_jobs.run_command(workdir, small, env)
         bare = assign_jobs.bare_jax_start(env)
         step("the search alone")
-        from dwjax.io import workdir as workdir_lib
-        from dwjax.model import decoder, restore
-
-        params, config = restore.load_params(workdir_lib.RunDir(workdir))
-        _, recon = decoder.decode_codes(params, config.model.negative_slope, M)
+        recon = decoded_codes(workdir)
         (shard,) = shards.iter_shards(big, K)
         search = search_rates(recon, shard.kernels)
         del shard
@@ -428,9 +431,11 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
                                  0 if degenerate["same_rows"] else n_degenerate, notes,
                                  n_degenerate))
         notes.append(f"degenerate curve: decoder trained 1 epoch on random kernels, median cap "
-                     f"radius {degenerate['median_cap_radius']:.3f} rad; commands on "
-                     f"{n_degenerate:,} kernels: auto {w['auto']:.2f} s, brute {w['brute']:.2f} s, "
-                     f"pruned {w['pruned']:.2f} s (best of 3); {degenerate.get('auto_choice', '')}")
+                     f"radius {degenerate['median_cap_radius']:.3f} rad; the pruned search's "
+                     f"windows cover {degenerate['pruned_visited_fraction']:.0%} of brute force's "
+                     f"products; commands on {n_degenerate:,} kernels: auto {w['auto']:.2f} s, "
+                     f"brute {w['brute']:.2f} s, pruned {w['pruned']:.2f} s (best of 3); "
+                     f"{degenerate.get('auto_choice', '')}")
     if km:
         b, s = km["big"], km["small"]
         rows.append(machine.row(f"3x3 k-means peak RSS, N={count(b['n'])} vs {count(s['n'])}",

@@ -48,12 +48,20 @@ def plot_shares(names: Sequence[str], classes: list[str], shares: np.ndarray, st
     """Stacked bars, `shares [len(names), len(classes)]` of *all* kernels of each bar."""
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 4.5), 4.2))
     _stack(ax, np.arange(len(names)), classes, shares)
+    return finish_share_bars(fig, ax, names, "share of all kernels\n(grey gap to 1 = "
+                             "unclustered)", xlabel, title, stem, formats)
+
+
+def finish_share_bars(fig, ax, names: Sequence[str], ylabel: str, xlabel: str, title: str,
+                      stem: str, formats: Sequence[str]) -> list[str]:
+    """The axes of a stacked share-of-all-kernels bar chart (one bar per name), its legend on
+    the right, then saved."""
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=90 if max(map(len, names)) * len(names) > 60 else 0,
                        fontsize=7)
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share of all kernels\n(grey gap to 1 = unclustered)", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)

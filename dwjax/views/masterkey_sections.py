@@ -15,7 +15,7 @@ import numpy as np
 
 from dwjax.io import assignment_files, shards
 from dwjax.io import masterkey_files as mk_files
-from dwjax.views import plotting
+from dwjax.views import charts, plotting
 from dwjax.views.plotting import plt
 from dwjax.views.sections import Context, Entry, write_csv
 
@@ -52,17 +52,8 @@ def _bars(names: list[str], shares: np.ndarray, stem: str, title: str, xlabel: s
                edgecolor="white", linewidth=0.3)
         bottom += shares[:, j]
     ax.bar(x, 1 - bottom, bottom=bottom, color=_DEAD_COLOUR, label="dead (gap to 1)")
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=90 if max(map(len, names)) * len(names) > 60 else 0,
-                       fontsize=7)
-    ax.set_xlim(-0.6, len(names) - 0.4)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of all kernels", fontsize=8)
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
-    fig.tight_layout()
-    return plotting.save(fig, stem, formats)
+    return charts.finish_share_bars(fig, ax, names, "share of all kernels", xlabel, title, stem,
+                                    formats)
 
 
 def _bank_figure(bank: np.ndarray, share: np.ndarray, mean_r2: np.ndarray, stem: str,
