@@ -229,9 +229,10 @@ def decoded_codes(workdir: str) -> np.ndarray:
 
 def degenerate_curve(tmp: str, env: dict, data: str, n: int, reps: int = 3) -> dict:
     """The command on a degenerate decoder (one epoch on random kernels) with
-    `--config.search=auto|brute|pruned`: best wall of `reps` interleaved runs each, auto's own
-    log line, the decoder's median cap radius and the share of brute force's products the pruned
-    search does on these kernels, and whether all three wrote the same rows."""
+    `--config.search=auto|brute|pruned`: best wall of `reps` interleaved runs each (after one
+    warm-up run each, so no method pays a compilation), auto's own log line, the decoder's median
+    cap radius and the share of brute force's products the pruned search does on these kernels,
+    and whether all three wrote the same rows."""
     from dwjax.search import device_programs, nearest
 
     noise = assign_jobs.convert_set(tmp, "noise", 20_000, env, blocks=[
@@ -246,6 +247,8 @@ def degenerate_curve(tmp: str, env: dict, data: str, n: int, reps: int = 3) -> d
     del shard
     walls: dict = {m: [] for m in ("auto", "brute", "pruned")}
     digests = {}
+    for method in walls:  # warm-up: each method's program into the compilation cache
+        assign_jobs.run_command(workdir, data, env, (f"--config.search={method}",))
     for _ in range(reps):
         for method in walls:
             r = assign_jobs.run_command(workdir, data, env, (f"--config.search={method}",))
