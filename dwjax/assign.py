@@ -165,6 +165,9 @@ class KMeansClassifier:
         self.search_record = {"backend": jax.default_backend(), "method": "kmeans",
                               "jax": jax.__version__}
         self.digests = {"centroids_sha256": centroids_sha, "kmeans_threshold": threshold}
+        # One worker thread for every part: a fresh thread per part would each get a malloc arena
+        # and keep its freed blocks, and the resident set would grow with the number of parts.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmeans")
 
     def _names(self, centroids: np.ndarray) -> list[str]:
         k = self.kernel_size
@@ -203,12 +206,16 @@ class KMeansClassifier:
             shards.release_pages(kernels, a, b)
             return rows
 
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(classify, starts[0]) if starts else None
+        pool = self._pool
+        pending = pool.submit(classify, starts[0]) if starts else None
+        try:
             for i in range(len(starts)):
                 rows = pending.result()
                 pending = pool.submit(classify, starts[i + 1]) if i + 1 < len(starts) else None
                 yield rows
+        finally:  # a stream left early (an error downstream) leaves no block running
+            if pending is not None:
+                pending.cancel() or pending.exception()
 
 
 # the rows' raw statistics for the k-means path (the autoencoder's come with its search)
@@ -362,7 +369,11 @@ def _sample(shard_list: list[shards.Shard], n: int = 2048) -> np.ndarray:
     for s in shard_list:
         m = max(1, round(n * len(s.kernels) / max(total, 1)))
         idx = np.unique(np.linspace(0, len(s.kernels) - 1, min(m, len(s.kernels))).astype(int))
-        picks.append(np.asarray(s.kernels[idx], np.float32))
+        # Released every few rows: each far-apart read faults in a read-ahead window of the file,
+        # and over the whole sample those windows would map most of it at once.
+        for g in range(0, len(idx), 128):
+            picks.append(np.asarray(s.kernels[idx[g:g + 128]], np.float32))
+            shards.release_pages(s.kernels, 0, len(s.kernels))
     return np.concatenate(picks)
 
 

@@ -303,3 +303,33 @@ def test_same_named_shard_from_another_data_dir_is_assigned_and_quoted(dog_run, 
     assert not any("skipped" in l for l in logs)
     rows = _rows(fresh)
     assert len(rows) == 60 and set(rows["source"]) == {'x,"y'}
+
+
+def _mapped_kib(path: str) -> int:
+    """This process's resident KiB of every mapping of `path` (/proc/self/smaps)."""
+    total, here = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not line[0].isupper():
+                here = len(head) > 5 and head[5] == path
+            elif here and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+def test_the_method_sample_leaves_the_shards_unmapped(tmp_path):
+    """The search method's evidence (2,048 kernels spread over the job) reads far-apart rows;
+    each read faults in a read-ahead window, and over the sample those windows would map most of
+    the shard at once: nothing of it stays resident (7x7 kernels, 39 MB, all in the page cache)."""
+    from types import SimpleNamespace
+
+    path = str(tmp_path / "k7.npy")
+    np.save(path, np.random.default_rng(0).standard_normal((200_000, 7, 7)).astype(np.float32))
+    mm = np.load(path, mmap_mode="r")
+    total = float(np.asarray(mm).sum())  # the whole file into the page cache (and mapped)
+    shards.release_pages(mm, 0, len(mm))
+    sample = assign._sample([SimpleNamespace(kernels=mm)])
+    assert len(sample) == 2048 and np.array_equal(sample[-1], mm[-1])
+    assert _mapped_kib(path) < 1024, _mapped_kib(path)  # of 38,281 KiB
+    assert float(np.asarray(mm).sum()) == total

@@ -126,6 +126,7 @@ class PartWriter:
         self.label_names = list(label_names)
         meta = part.shard.meta
         layer_ids = np.unique(np.asarray(meta["layer"][part.start:part.stop]))
+        shards.release_pages(meta, part.start, part.stop)  # read again block by block
         self.layer_ids = layer_ids
         self.layer_names = [part.shard.layer_names.get(int(lid), "") for lid in layer_ids]
         self.counts = np.zeros((len(layer_ids), len(self.label_names)), np.int64)

@@ -62,13 +62,14 @@ def hyperplane_basis(kernel_size: int) -> np.ndarray:
     return _basis_np(kernel_size).astype(np.float32)
 
 
-def centre_and_normalise(kernels):
+def centre_and_normalise(kernels, xp=jnp):
     """`[N, k, k]` or `[N, k*k]` → `[N, k*k]` centred unit vectors (zero vector for a dead
-    kernel)."""
-    flat = jnp.reshape(kernels, (kernels.shape[0], -1)).astype(jnp.float32)
-    centred = flat - jnp.mean(flat, axis=1, keepdims=True)
-    norm = jnp.linalg.norm(centred, axis=1, keepdims=True)
-    return centred / jnp.where(norm > 0, norm, 1.0)
+    kernel); `xp` jax.numpy (float32, jit-able) or numpy (float64, no compile: host estimates)."""
+    dtype = np.float64 if xp is np else jnp.float32
+    flat = xp.reshape(kernels, (kernels.shape[0], -1)).astype(dtype)
+    centred = flat - xp.mean(flat, axis=1, keepdims=True)
+    norm = xp.linalg.norm(centred, axis=1, keepdims=True)
+    return centred / xp.where(norm > 0, norm, 1.0)
 
 
 def raw_statistics(kernels):
@@ -84,9 +85,13 @@ def raw_statistics(kernels):
     return jnp.sum(flat, axis=1), norm, peak
 
 
-def embed(kernels, basis=None):
-    """`[N, k, k]` → `[N, k*k-1]` unit coordinates in the hyperplane basis (jit-able)."""
+def embed(kernels, basis=None, xp=jnp):
+    """`[N, k, k]` → `[N, k*k-1]` unit coordinates in the hyperplane basis (jit-able); with
+    `xp=numpy`, in float64 on the host."""
     k = int(round(np.sqrt(np.prod(kernels.shape[1:]))))
+    if xp is np:
+        basis = _basis_np(k) if basis is None else np.asarray(basis, np.float64)
+        return centre_and_normalise(np.asarray(kernels), np) @ basis
     basis = hyperplane_basis(k) if basis is None else basis
     return jnp.matmul(centre_and_normalise(kernels), basis, precision=PRECISION)
 

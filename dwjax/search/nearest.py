@@ -226,7 +226,8 @@ def pruned_visit_fraction(tables: PrunedTables, kernels, tile_m: int) -> float:
     if not live.any():
         return 1.0
     k = kernels.shape[-1]
-    x = np.asarray(preprocess.embed(kernels[live], preprocess.hyperplane_basis(k)), np.float64)
+    # numpy, not jax: eager jax ops would each compile, costing more than the estimate saves
+    x = preprocess.embed(kernels[live], preprocess.hyperplane_basis(k), xp=np)
     reps = np.asarray(tables.reps, np.float64)
     p = x @ reps.T
     lb, best = p.max(axis=1), p.argmax(axis=1)
