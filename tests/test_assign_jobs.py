@@ -64,6 +64,12 @@ def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
         if f.endswith(".parquet"):
             schema = pq.read_schema(os.path.join(w, "assignments", f))
             assert schema.remove_metadata().equals(assignment_rows.ROW_SCHEMA)
+            # min/max statistics on the columns a reader filters by, not on the measured floats
+            group = pq.ParquetFile(os.path.join(w, "assignments", f)).metadata.row_group(0)
+            with_stats = {group.column(i).path_in_schema for i in range(group.num_columns)
+                          if group.column(i).is_stats_set}
+            assert {"layer", "channel", "source", "label"} <= with_stats
+            assert not with_stats & {"code", "dissimilarity", "total_activation", "norm"}
     # the arrays they were written from: classifier outputs and raw statistics
     clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(w), 10_000, 0.2, 1 << 15)
     code, dis, clustered, label, total, norm = clf(kernels.astype(np.float32))

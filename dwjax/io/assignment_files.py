@@ -162,7 +162,8 @@ class PartWriter:
 
                 self._parquet = self._files.enter_context(pq.ParquetWriter(
                     self._tmp, assignment_rows.ROW_SCHEMA, compression="zstd",
-                    use_dictionary=assignment_rows.DICTIONARY_COLUMNS))
+                    use_dictionary=assignment_rows.DICTIONARY_COLUMNS,
+                    write_statistics=assignment_rows.STATISTICS_COLUMNS))
             self._parquet.write_table(assignment_rows.table(where, rows, self.label_names))
         else:
             if self._csv is None:

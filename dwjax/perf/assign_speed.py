@@ -58,6 +58,14 @@ NAIVE_CHUNKS = (256, 1024, 4096)
 NEAR_TIE = 1e-5
 
 
+def best_command(workdir: str, data: str, env: dict, reps: int = 2) -> dict:
+    """`assign_jobs.run_command`'s result with the best wall of `reps` runs and the largest peak
+    RSS of them."""
+    runs = [assign_jobs.run_command(workdir, data, env) for _ in range(reps)]
+    best = min(runs, key=lambda r: r["wall"])
+    return {**best, "rss_mib": max(r["rss_mib"] for r in runs), "walls": [r["wall"] for r in runs]}
+
+
 def same_rows(a: tuple, b: tuple) -> int:
     """Kernels whose `(idx, dis)` differ between two searches' answers (0: the same rows)."""
     return int(np.count_nonzero((a[0] != b[0]) | (a[1].view(np.int32) != b[1].view(np.int32))))
@@ -331,8 +339,9 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
         step("the command")
         assign_jobs.run_command(workdir, small, env)  # warm-up: compilation and page caches
         peak = machine.gemm_peak_gflops()
-        cmd = assign_jobs.run_command(workdir, big, env)
-        cmd_small = assign_jobs.run_command(workdir, small, env)
+        # best of two, as the search alone: one run's wall swings with the shared machine
+        cmd = best_command(workdir, big, env)
+        cmd_small = best_command(workdir, small, env)
         bare = assign_jobs.bare_jax_start(env)
         step("the search alone")
         recon = decoded_codes(workdir)
