@@ -35,7 +35,8 @@ PARTS = ("convert", "train", "assign")
 SIZES = {
     "convert_model": ("convnextv2_huge", "convnextv2_nano"),
     "convert_repeats": (2, 1),
-    "train_epochs": (10, 4),
+    "train_epochs": (200, 4),           # 200: the default run's, for the end-to-end ratio
+    "train_repeats": (2, 1),
     "train_batch_size": (256, 256),
     "train_synthetic": (0, 0),
     "assign_n": (1_000_000, 200_000),
@@ -86,7 +87,8 @@ def run_bench(parts: Sequence[str] = PARTS, quick: bool = False, json_path: str 
             entries.append(convert_speed.run(s["convert_model"], s["convert_repeats"], log=log))
         elif part == "train":
             entries.append(train_speed.run(s["train_epochs"], s["train_batch_size"],
-                                           synthetic=s["train_synthetic"], log=log))
+                                           synthetic=s["train_synthetic"],
+                                           repeats=s["train_repeats"], log=log))
         else:
             entries.append(assign_speed.run(
                 s["assign_n"], s["assign_small_n"], s["naive_n"], n_5x5=s["assign_5x5_n"],
@@ -140,6 +142,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("convert_repeats", None, "Runs of each convert method (last reported).")
     flags.DEFINE_integer("train_epochs", None, "Epochs of the train benchmark.")
     flags.DEFINE_integer("train_batch_size", None, "Batch of the train benchmark.")
+    flags.DEFINE_integer("train_repeats", None, "Runs of each side of the train benchmark.")
     flags.DEFINE_integer("train_synthetic", None, "N random kernels to train on instead of the "
                          "embedded default (0: the embedded default).")
     flags.DEFINE_integer("assign_n", None, "Kernels of the assign benchmark.")

@@ -1,14 +1,32 @@
-"""The same autoencoder and loss as a plain PyTorch loop: the yardstick for the faithfulness test
-and the training benchmark (dwjax.perf.train_speed; no stage trains with it; torch comes with the
-`convert` extra)."""
+"""The same autoencoder and loss as a PyTorch program: the yardstick for the faithfulness test and
+the training benchmark (dwjax.perf.train_speed; no stage trains with it; torch comes with the
+`convert` extra).
+
+`VARIANTS` are the ways a PyTorch user would tune this loop on a CPU: eager with the default Adam
+(foreach), eager with fused Adam, and `torch.compile` of the forward+loss and of the optimizer step
+(the learning rate a tensor, so the schedule does not recompile). All three do the same updates.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import numpy as np
 
 from dwjax.model import preprocess
+
+VARIANTS = ("eager", "eager_fused_adam", "compiled")
+VARIANT_NAMES = {"eager": "torch eager", "eager_fused_adam": "torch eager fused Adam",
+                 "compiled": "torch.compile"}
+
+
+@dataclasses.dataclass
+class TorchRun:
+    model: object            # the trained torch.nn.Sequential
+    mean_loss: float         # mean dissimilarity over every kernel given, after training
+    seconds: float           # the whole loop, compilation included
+    epoch_seconds: list      # each epoch's wall time (the first includes compilation)
 
 
 def build(dim: int, hidden=(256, 128, 64, 32), negative_slope: float = 0.01):
@@ -36,19 +54,25 @@ def _loss(x, recon):
 def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: float,
           warmup_epochs: float = 1.0, end_fraction: float = 0.02, seed: int = 0,
           hidden=(256, 128, 64, 32), negative_slope: float = 0.01,
-          max_steps: int | None = None):
-    """Adam with linear warm-up + cosine decay, as configs/train.py. Returns (model, mean loss,
-    seconds).
+          max_steps: int | None = None, variant: str = "eager") -> TorchRun:
+    """Adam with linear warm-up + cosine decay, as configs/train.py.
 
     Args:
       coords: `[N, k*k-1]` unit hyperplane coordinates (preprocess.embed of the live kernels).
+      variant: one of `VARIANTS`.
     """
     import torch
 
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
     torch.manual_seed(seed)
     x_all = torch.from_numpy(np.array(coords, np.float32))  # a writable copy
     model = build(x_all.shape[1], hidden, negative_slope)
-    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    compiled = variant == "compiled"
+    # A tensor learning rate lets the compiled step take each new value without recompiling.
+    opt = torch.optim.Adam(model.parameters(),
+                           lr=torch.tensor(learning_rate) if compiled else learning_rate,
+                           fused=variant == "eager_fused_adam")
     steps_per_epoch = len(x_all) // batch_size
     total, warmup = num_epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
 
@@ -59,27 +83,39 @@ def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: f
         cosine = 0.5 * (1 + math.cos(math.pi * t))
         return learning_rate * (end_fraction + (1 - end_fraction) * cosine)
 
+    def forward_loss(x):
+        return _loss(x, model(x))
+
+    def opt_step():
+        opt.step()
+
+    if compiled:
+        forward_loss, opt_step = torch.compile(forward_loss), torch.compile(opt_step)
     gen = np.random.default_rng(seed)
-    step, t0 = 0, time.perf_counter()
+    step, epoch_seconds, t0 = 0, [], time.perf_counter()
     for _ in range(num_epochs):
+        te = time.perf_counter()
         order = torch.from_numpy(gen.permutation(len(x_all)))
         for b in range(steps_per_epoch):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            x = x_all[order[b * batch_size:(b + 1) * batch_size]]
-            loss = _loss(x, model(x))
+                if compiled:
+                    g["lr"].fill_(lr_at(step))
+                else:
+                    g["lr"] = lr_at(step)
+            loss = forward_loss(x_all[order[b * batch_size:(b + 1) * batch_size]])
             opt.zero_grad()
             loss.backward()
-            opt.step()
+            opt_step()
             step += 1
             if max_steps is not None and step >= max_steps:
                 break
+        epoch_seconds.append(time.perf_counter() - te)
         if max_steps is not None and step >= max_steps:
             break
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         mean = float(_loss(x_all, model(x_all)))
-    return model, mean, seconds
+    return TorchRun(model, mean, seconds, epoch_seconds)
 
 
 def embed_live(kernels: np.ndarray) -> np.ndarray:
