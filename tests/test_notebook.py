@@ -1,5 +1,6 @@
 """launch/colab_tpu.ipynb: saved clean, and executed headless on CPU with tiny parameters (the
-path a Colab TPU user takes, minus the TPU); a copy with one broken cell makes the runner fail."""
+path a Colab TPU user takes, minus the TPU: the notebook installs dwjax from the wheel beside it);
+a copy with one broken cell makes the runner fail."""
 import ast
 import copy
 import os
@@ -54,6 +55,40 @@ def kernel_env(tmp_path, monkeypatch):
     return tmp_path
 
 
+# Run first in the kernel (sitecustomize): hides this checkout's editable install, so the
+# notebook's install cell finds no dwjax and takes the wheel route, as on a fresh Colab.
+_HIDE_EDITABLE = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if "__editable__" not in (getattr(f, "__module__", "") or "")
+                    and "__editable__" not in type(f).__module__]
+sys.path[:] = [p for p in sys.path if p not in {ROOT!r}]
+"""
+
+
+@pytest.fixture
+def wheel_kernel_env(tmp_path, monkeypatch):
+    """A kernel that has every dependency but no dwjax, started in a directory holding the wheel
+    `launch/build_wheel.sh` builds from this checkout: the notebook installs it (no network, no
+    dependencies: PIP_NO_INDEX, PIP_NO_DEPS) into `site/`, which is on the kernel's path."""
+    import subprocess
+
+    here = tmp_path / "colab"
+    hide, site = tmp_path / "hide", tmp_path / "site"
+    for d in (here, hide, site):
+        d.mkdir()
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "build_wheel.sh"), str(here)],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PIP_WHEEL_ARGS="--no-build-isolation"))
+    assert r.returncode == 0, r.stderr
+    (hide / "sitecustomize.py").write_text(_HIDE_EDITABLE.format(ROOT=ROOT))
+    monkeypatch.setenv("DWJAX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hide), str(site)]))
+    for name, value in (("PIP_TARGET", str(site)), ("PIP_NO_DEPS", "1"), ("PIP_NO_INDEX", "1"),
+                        ("JAX_PLATFORMS", "cpu")):
+        monkeypatch.setenv(name, value)
+    return tmp_path
+
+
 def test_saved_notebook_is_clean_and_has_one_parameters_cell_first():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
@@ -66,17 +101,21 @@ def test_saved_notebook_is_clean_and_has_one_parameters_cell_first():
     assert not any(line.lstrip().startswith("!") for c in code for line in c.source.splitlines())
 
 
-def test_notebook_runs_headless_with_tiny_parameters(kernel_env):
+def test_notebook_installs_the_wheel_and_runs_headless_with_tiny_parameters(wheel_kernel_env):
     import pandas as pd
 
-    workdir = str(kernel_env / "run")
+    tmp = wheel_kernel_env
+    workdir = str(tmp / "run")
     nb = run_notebook(NOTEBOOK, {"NUM_EPOCHS": 1, "BATCH_SIZE": 4096, "WORKDIR": workdir,
-                                 "DATA_DIR": str(kernel_env / "data")})
+                                 "DATA_DIR": str(tmp / "data")}, cwd=str(tmp / "colab"))
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), "every code cell ran"
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for c in code for o in c.outputs)
-    assert "dwjax" in text and "global batch 4096" in text
+    # the wheel beside the notebook, installed by the install cell, is the dwjax that ran
+    assert f"installing dwjax[weights] @ file://{tmp / 'colab'}/dwjax-" in text
+    assert f"from {tmp / 'site' / 'dwjax' / '__init__.py'}" in text
+    assert "global batch 4096" in text
     assert "mean cosine dissimilarity" in text  # training's summary printed
     images = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
     assert images >= 3  # spectrum, templates, report figures shown inline
