@@ -347,3 +347,14 @@ def test_auto_takes_brute_force_where_the_bound_would_keep_every_tile():
                                          sample, 64)
     assert near < nearest.PRUNED_MAX_VISITS
     assert nearest.Searcher(curve, k, method="auto", sample=sample).method == "pruned"
+
+
+@cpu_only
+def test_auto_takes_brute_force_on_a_jax_whose_pruned_search_is_slow(monkeypatch):
+    recon = template_curve(5, 10_000)
+    assert nearest.choose_method("cpu", 10, 10_000, 0.01) == "pruned"
+    monkeypatch.setattr(jax, "__version__", nearest.PRUNED_SLOW_JAX[0])
+    assert nearest.choose_method("cpu", 10, 10_000, 0.01) == "brute"
+    lines = []
+    searcher = nearest.Searcher(recon, 5, log=lines.append)
+    assert searcher.method == "brute" and "runs the pruned search slowly" in lines[0]

@@ -100,6 +100,9 @@ PRUNED_MAX_RADIUS = 0.04
 # Above this share of tiles visited (pruned_visit_fraction) the bound's pass and the block loop
 # cost more than they save.
 PRUNED_MAX_VISITS = 0.5
+# jaxlib releases whose XLA:CPU runs the pruned search's block loop many times slower (fixed in
+# 0.10.2; BENCHMARKS.md, version floors): brute force there.
+PRUNED_SLOW_JAX = ("0.10.0", "0.10.1")
 # Rows per device of one compiled call: with ≥ 2 rows XLA:CPU runs every GEMM through its blocked
 # kernel; a 1-row product takes a matrix-vector path that rounds differently (see docstring).
 MIN_DEVICE_ROWS = 8
@@ -199,6 +202,7 @@ def choose_method(backend: str, n: int, m: int, radius: float | None = None,
         yet timed on an accelerator; rerun the benchmark there to revisit).
       * CPU, M < PRUNED_MIN_M: brute force (few tiles: the bound pass and the block loop cost as
         much as they save).
+      * CPU with a jax in PRUNED_SLOW_JAX: brute force (that XLA runs the block loop slowly).
       * CPU, `radius` (the median sub-tile cap radius, `PrunedTables.radius`) ≥ PRUNED_MAX_RADIUS:
         brute force: the rows are too far apart along the curve, or form no curve at all (random
         rows: ~1.7 rad), and the bound prunes too little.
@@ -207,7 +211,7 @@ def choose_method(backend: str, n: int, m: int, radius: float | None = None,
         codes all decode alike has radius ~0 and yet prunes nothing).
       * CPU otherwise: pruned (N does not matter: both compile once per chunk shape).
     """
-    if backend != "cpu" or m < PRUNED_MIN_M:
+    if backend != "cpu" or m < PRUNED_MIN_M or jax.__version__ in PRUNED_SLOW_JAX:
         return "brute"
     if radius is not None and radius >= PRUNED_MAX_RADIUS:
         return "brute"
@@ -343,6 +347,8 @@ class Searcher:
                 why = f"median cap radius {radius:.3f} rad"
                 if visits is not None:
                     why += f", {visits:.0%} of tiles visited on a sample of {len(sample)} kernels"
+            elif backend == "cpu" and jax.__version__ in PRUNED_SLOW_JAX:
+                why = f"jax {jax.__version__}'s XLA:CPU runs the pruned search slowly"
             else:
                 why = f"backend {backend}, M = {self.m}"
             if log is not None:
