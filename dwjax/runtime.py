@@ -12,9 +12,26 @@ from absl import flags
 from dwjax.io import paths
 
 
-def enable_compilation_cache() -> None:
-    """A re-run (resume, another stage on the same run) skips compiles."""
+# jax releases whose XLA:CPU logs an error line on stderr for every program it loads from the
+# persistent cache (a spurious CPU-feature mismatch): there the cache is off, so a failing
+# command's stderr stays its one line.
+NO_CACHE_BEFORE = (0, 10)
+
+
+def jax_version() -> tuple[int, ...]:
     import jax
+
+    return tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def enable_compilation_cache() -> None:
+    """A re-run (resume, another stage on the same run) skips compiles (not on jax before
+    NO_CACHE_BEFORE, whatever JAX_COMPILATION_CACHE_DIR says)."""
+    import jax
+
+    if jax_version() < NO_CACHE_BEFORE:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
 
     # The cache only saves compile time: failing to write it (a full disk), or an entry torn by
     # one, costs a compile, not a warning.
