@@ -336,3 +336,22 @@ def test_a_truncated_checkpoint_is_one_line_on_stderr(data, trained, tmp_path):
     # not on every run: a few runs catch it
     for _ in range(3):
         _one_line(_run(*_train_args(data, w, 3)), "train", "corrupt checkpoint")
+
+
+def test_jax_before_0_10_runs_without_the_persistent_cache(monkeypatch):
+    """jax 0.9's XLA:CPU logs an error line for every cached program it loads: there the cache
+    is off, so a failing command's stderr stays one line (the floor run checks the commands)."""
+    import jax
+
+    from dwjax import runtime
+
+    before = jax.config.jax_enable_compilation_cache
+    try:
+        monkeypatch.setattr(jax, "__version__", "0.9.0")
+        assert runtime.jax_version() == (0, 9, 0) < runtime.NO_CACHE_BEFORE
+        runtime.enable_compilation_cache()
+        assert jax.config.jax_enable_compilation_cache is False
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+    monkeypatch.setattr(jax, "__version__", "0.10.2")
+    assert runtime.jax_version() >= runtime.NO_CACHE_BEFORE
