@@ -140,8 +140,10 @@ class PartWriter:
         a = self.part.start + self.rows
         n = len(rows.code)
         meta = self.part.shard.meta[a:a + n]
-        layer = np.asarray(meta["layer"], np.int32)
-        channel = np.asarray(meta["channel"], np.int32)
+        # copies (np.asarray of an int32 field would be a view): the rows are built after the
+        # pages are released, and reading a view would map them again
+        layer = np.array(meta["layer"], np.int32)
+        channel = np.array(meta["channel"], np.int32)
         shards.release_pages(self.part.shard.meta, a, a + n)  # as the search does kernel pages
         layer_pos = np.searchsorted(self.layer_ids, layer).astype(np.int32)
         rows = rows.typed()
