@@ -3,9 +3,13 @@ start, and skipping the interpreter's final collections. Called by stages' mains
 code leaves jax's configuration alone."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import signal
+import threading
 import warnings
+from typing import Iterator
 
 from absl import flags
 
@@ -83,3 +87,21 @@ def init_distributed() -> None:
         import jax
 
         jax.distributed.initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block is held until it ends, then raised as KeyboardInterrupt: an
+    interrupt inside orbax's save (its threads mid-write) could leave the process waiting on them
+    forever instead of exiting. A no-op off the main thread (only it may set signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt

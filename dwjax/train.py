@@ -121,14 +121,16 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
                 f"{rate:,.0f} kernels/s")
             done = epoch + 1 == config.num_epochs
             if done or (epoch + 1) % config.checkpoint_every_epochs == 0:
-                run_checkpoints.save(mngr, step, params, opt_state,
-                                     {"architecture": arch, "epoch": epoch + 1, "step": step})
-                if primary:  # a kill between the two writes leaves model.npz stale: not used then
-                    run_checkpoints.save_inference(run.model_npz, params, arch, step)
+                with runtime.interrupts_deferred():
+                    run_checkpoints.save(mngr, step, params, opt_state,
+                                         {"architecture": arch, "epoch": epoch + 1, "step": step})
+                    if primary:  # a kill between the writes leaves model.npz stale: not used then
+                        run_checkpoints.save_inference(run.model_npz, params, arch, step)
             if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and not done:
                 break
-    mngr.wait_until_finished()
-    mngr.close()
+    with runtime.interrupts_deferred():
+        mngr.wait_until_finished()
+        mngr.close()
     eval_loss = steps.evaluate(graphdef, params, dataset, config.eval_batch_size, mesh)
     log(f"process {jax.process_index()} read {dataset.rows_read:,} kernel rows from the shards")
     params = jax.device_get(params)

@@ -355,3 +355,19 @@ def test_jax_before_0_10_runs_without_the_persistent_cache(monkeypatch):
         jax.config.update("jax_enable_compilation_cache", before)
     monkeypatch.setattr(jax, "__version__", "0.10.2")
     assert runtime.jax_version() >= runtime.NO_CACHE_BEFORE
+
+
+def test_ctrl_c_during_a_checkpoint_save_is_held_until_it_ends():
+    """An interrupt inside orbax's save could leave the trainer waiting on its threads: it is
+    raised only once the save block ends."""
+    from dwjax import runtime
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with runtime.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes: here; it only records
+                pass
+            reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
