@@ -188,10 +188,13 @@ def test_disk_full_is_one_line_and_leaves_nothing_partial(trained, data, tmp_pat
 
 def test_ctrl_c_in_train_is_one_line_and_exit_130(data, tmp_path):
     w = str(tmp_path / "w")
+    # Ctrl-C at a terminal: SIGINT at its default, even when this suite runs as a background job
+    # of a script (whose shell starts it with SIGINT ignored, which children inherit)
     proc = subprocess.Popen([sys.executable, "-m", "dwjax.train", "--kernel_size=5",
                              f"--data_dir={data}", f"--workdir={w}", "--config.batch_size=64",
                              "--config.num_epochs=100000"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not os.path.exists(os.path.join(w, "metrics.jsonl")):
         time.sleep(0.2)
