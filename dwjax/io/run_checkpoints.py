@@ -71,8 +71,18 @@ class _DrainingLoop(asyncio.SelectorEventLoop):
     orbax runs each restore in a fresh loop and closes it as soon as one read fails; the reads
     still in flight then complete into the closed loop, and tensorstore's threads print
     `RuntimeError: Event loop is closed` tracebacks. Cancelling them is not enough (tensorstore
-    still calls back when the read ends), so they are awaited.
+    still calls back when the read ends), so they are awaited. Where orbax cancels every task
+    before closing (orbax-checkpoint 0.11, through `asyncio.run`), nothing is left to await and
+    the late callbacks arrive after the close: they are dropped, since nothing waits for them.
     """
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
 
     def close(self) -> None:
         if not self.is_closed() and not self.is_running():
