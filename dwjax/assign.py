@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -102,17 +102,23 @@ class AutoencoderClassifier:
                         "decoded_codes_sha256": codes_sha}
 
     def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Rows]:
-        """Rows `[start, stop)` of `kernels [N, k, k]`, one compiled call's worth at a time; the
-        devices search the next calls while the caller writes (nearest.Searcher.stream)."""
-        for chunk in self.search.stream(kernels, start, stop):
+        """Rows `[start, stop)` of `kernels [N, k, k]`, one compiled call's worth at a time."""
+        for _, rows in self.stream_segments([(kernels, start, stop)]):
+            yield rows
+
+    def stream_segments(self, spans: Sequence[tuple]) -> Iterator[tuple[int, Rows]]:
+        """`(span index, Rows)` for every `(kernels, start, stop)` span, in order; the devices
+        search the next calls (packed across spans) while the caller writes
+        (nearest.Searcher.stream_segments)."""
+        for i, chunk in self.search.stream_segments(spans):
             idx, dis = chunk.idx, chunk.dis
             live = idx >= 0
             safe = np.maximum(idx, 0)
             clustered = live & (dis < self.threshold)
             label = np.where(clustered, self.code_label[safe], self.unclustered)
             label[~live] = self.dead
-            yield Rows(np.where(live, self.codes[safe], np.nan), np.where(live, dis, np.nan),
-                       clustered, label.astype(np.int32), chunk.raw_sum, chunk.raw_norm)
+            yield i, Rows(np.where(live, self.codes[safe], np.nan), np.where(live, dis, np.nan),
+                          clustered, label.astype(np.int32), chunk.raw_sum, chunk.raw_norm)
 
     def __call__(self, kernels) -> Rows:
         """`[n, k, k]` → its `Rows`."""
@@ -217,6 +223,13 @@ class KMeansClassifier:
             if pending is not None:
                 pending.cancel() or pending.exception()
 
+    def stream_segments(self, spans: Sequence[tuple]) -> Iterator[tuple[int, Rows]]:
+        """As AutoencoderClassifier's; blocks do not run over spans (k-means has no compiled
+        shape to fill)."""
+        for i, (kernels, start, stop) in enumerate(spans):
+            for rows in self.stream(kernels, start, stop):
+                yield i, rows
+
 
 # the rows' raw statistics for the k-means path (the autoencoder's come with its search)
 _raw_statistics = jax.jit(preprocess.raw_statistics)
@@ -242,12 +255,12 @@ class _Progress:
                  f"{rate:,.0f} kernels/s, ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
 
 
-def _assign_part(clf, part: assignment_files.Part, writer: assignment_files.PartWriter,
-                 block: int, progress: _Progress,
-                 write_pool: concurrent.futures.Executor | None) -> None:
-    """Streams one part to its file: rows are gathered into blocks of at least `block` (one
-    Parquet row group each) and written, on `write_pool`'s thread when given, while the devices
-    search on; memory depends on the block, not on the shard."""
+def _write_part(rows_iter: Iterator[Rows], part: assignment_files.Part,
+                writer: assignment_files.PartWriter, block: int, progress: _Progress,
+                write_pool: concurrent.futures.Executor | None) -> None:
+    """Streams one part's rows to its file: rows are gathered into blocks of at least `block`
+    (one Parquet row group each) and written, on `write_pool`'s thread when given, while the
+    devices search on; memory depends on the block, not on the shard."""
     held: list[Rows] = []
     n_held = done = 0
     writes: collections.deque = collections.deque()
@@ -262,7 +275,7 @@ def _assign_part(clf, part: assignment_files.Part, writer: assignment_files.Part
             writes.popleft().result()
 
     try:
-        for rows in clf.stream(part.shard.kernels, part.start, part.stop):
+        for rows in rows_iter:
             held.append(rows)
             n_held += len(rows.code)
             progress.update(part, done + n_held, len(rows.code))
@@ -276,6 +289,18 @@ def _assign_part(clf, part: assignment_files.Part, writer: assignment_files.Part
         concurrent.futures.wait(writes)
     for w in writes:
         w.result()
+
+
+def _rows_of(stream: Iterator[tuple[int, Rows]], i: int, n: int) -> Iterator[Rows]:
+    """The next `n` rows of `stream`, which must be span `i`'s: exactly the part's rows, so the
+    next part's are not read while this part's file is open (an error there cannot cost this
+    part)."""
+    got = 0
+    while got < n:
+        j, rows = next(stream)
+        assert j == i, (j, i)
+        got += len(rows.code)
+        yield rows
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None, *,
@@ -335,16 +360,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
         write_pool = (stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
                       if _threads(job) > 1 else None)
         for part, already in zip(mine, finished):
-            where = "" if part.whole else f" rows [{part.start:,}, {part.stop:,})"
             if already:
-                log(f"{part.shard.source}{where}: already assigned, skipped")
-                continue
+                log(f"{part.shard.source}{_rows_note(part)}: already assigned, skipped")
+        todo = [part for part, already in zip(mine, finished) if not already]
+        # one stream for every part: the search's chunks run over parts (search.chunks)
+        stream = stack.enter_context(contextlib.closing(clf.stream_segments(
+            [(p.shard.kernels, p.start, p.stop) for p in todo])))
+        for i, part in enumerate(todo):
+            n = max(0, min(part.stop, len(part.shard.kernels)) - part.start)
             with assignment_files.open_part(out_dir, part, k, config.format, data_dir,
                                             clf.label_names, part_record) as writer:
-                _assign_part(clf, part, writer, block, progress, write_pool)
+                _write_part(_rows_of(stream, i, n), part, writer, block, progress, write_pool)
             stats = writer.stats()
-            log(f"{part.shard.source}{where}: {stats['clustered']:,}/{stats['kernels']:,} "
-                f"clustered ({100 * stats['clustered'] / max(1, stats['kernels']):.1f}%)")
+            log(f"{part.shard.source}{_rows_note(part)}: {stats['clustered']:,}/"
+                f"{stats['kernels']:,} clustered "
+                f"({100 * stats['clustered'] / max(1, stats['kernels']):.1f}%)")
     if wait_for_workers is not None:
         wait_for_workers()
         if job.worker_index != 0:
@@ -355,6 +385,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
         return {"complete": False, "parts_done": done, "parts_total": len(plan)}
     assignment_files.remove_stale(out_dir, plan, k)
     return {"complete": True, **assignment_files.write_summary(out_dir, k)}
+
+
+def _rows_note(part: assignment_files.Part) -> str:
+    return "" if part.whole else f" rows [{part.start:,}, {part.stop:,})"
 
 
 def _threads(job: ml_collections.ConfigDict) -> int:

@@ -120,24 +120,23 @@ def test_killed_assignment_resumes_per_shard(tmp_path, dog_run):
     expected = {p: open(p, "rb").read()
                 for p in glob.glob(os.path.join(fresh, "assignments", "*.parquet"))}
 
-    calls = []
-    real = assign.nearest.Searcher.stream
+    real = assign.nearest.Searcher.stream_segments
 
     def dies_on_second_shard(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        yield from real(*a, **kw)
+        for i, chunk in real(*a, **kw):
+            if i == 1:
+                raise KeyboardInterrupt("killed")
+            yield i, chunk
 
     import shutil
 
     shutil.rmtree(os.path.join(fresh, "assignments"))
-    assign.nearest.Searcher.stream = dies_on_second_shard
+    assign.nearest.Searcher.stream_segments = dies_on_second_shard
     try:
         with pytest.raises(KeyboardInterrupt):
             assign.run(stage_config("assign"), fresh, d, **QUIET)
     finally:
-        assign.nearest.Searcher.stream = real
+        assign.nearest.Searcher.stream_segments = real
     assert len(glob.glob(os.path.join(fresh, "assignments", "*.parquet"))) == 1
     logs = []
     again = assign.run(stage_config("assign"), fresh, d, log=logs.append)

@@ -70,6 +70,12 @@ def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
                           if group.column(i).is_stats_set}
             assert {"layer", "channel", "source", "label"} <= with_stats
             assert not with_stats & {"code", "dissimilarity", "total_activation", "norm"}
+            # dictionary pages on the text columns and the code (≤ num_codes values), not on
+            # the measured floats
+            dictionary = {group.column(i).path_in_schema for i in range(group.num_columns)
+                          if "RLE_DICTIONARY" in group.column(i).encodings}
+            assert {"source", "layer_name", "label", "code"} <= dictionary
+            assert not dictionary & {"dissimilarity", "total_activation", "norm", "channel"}
     # the arrays they were written from: classifier outputs and raw statistics
     clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(w), 10_000, 0.2, 1 << 15)
     code, dis, clustered, label, total, norm = clf(kernels.astype(np.float32))

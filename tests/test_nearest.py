@@ -324,6 +324,42 @@ def test_stream_is_the_whole_search_cut_at_any_rows_and_keeps_memory_flat(tmp_pa
     assert not cow.any()
 
 
+def test_chunks_run_over_spans_and_rows_do_not_depend_on_the_packing(tmp_path):
+    """stream_segments packs many small spans into full calls (the padding is paid once, in the
+    last call) and gives every row what a search of its span alone gives, byte for byte."""
+    from dwjax.search import chunks as chunks_lib
+
+    rng = np.random.default_rng(6)
+    recon = rng.standard_normal((300, 24)).astype(np.float32)
+    sizes = [700, 1, 1500, 300, 0, 2049]
+    paths = []
+    for i, n in enumerate(sizes):
+        paths.append(str(tmp_path / f"k{i}.npy"))
+        np.save(paths[-1], rng.standard_normal((n, 5, 5)).astype(np.float32))
+    mms = [np.load(p, mmap_mode="r") for p in paths]
+    search = nearest.Searcher(recon, 5, chunk_size=1024, fixed_shape=True)
+    calls = []
+    fn = search.fn
+    search.fn = lambda *a: calls.append(1) or fn(*a)
+    spans = [(m, 0, None) for m in mms[:-1]] + [(mms[-1], 49, 2000)]
+    packed = list(search.stream_segments(spans))
+    want = [n for n in sizes[:-1]] + [2000 - 49]
+    assert len(calls) == -(-sum(want) // 1024) == 5  # 9 calls searched one span at a time
+    for i, (m, a, b) in enumerate(spans):
+        got = [c for j, c in packed if j == i]
+        assert sum(len(c.idx) for c in got) == want[i]
+        alone = list(search.stream(m, a, b))
+        for field in ("idx", "dis", "raw_sum", "raw_norm"):
+            x = np.concatenate([getattr(c, field) for c in got] or [np.empty(0)])
+            y = np.concatenate([getattr(c, field) for c in alone] or [np.empty(0)])
+            assert x.tobytes() == y.tobytes(), (i, field)
+        if got:
+            assert got[0].start == (a or 0)
+    assert [j for j, _ in packed] == sorted(j for j, _ in packed)  # spans in order
+    plan = list(chunks_lib.plan(chunks_lib.segments(spans), 1024))
+    assert [sum(p.stop - p.start for p in c) for c in plan] == [1024] * 4 + [sum(want) - 4096]
+
+
 @cpu_only
 def test_auto_takes_brute_force_where_the_bound_would_keep_every_tile():
     """A degenerate decoder (every code decodes to nearly one kernel) has a tiny cap radius yet

@@ -65,10 +65,9 @@ NaN, per preprocess's convention; callers filter on `idx >= 0`. `dis` is clipped
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import functools
 import itertools
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +78,7 @@ from jax.sharding import PartitionSpec as P
 from dwjax.io import shards
 from dwjax.model import mesh as mesh_lib
 from dwjax.model import preprocess
+from dwjax.search import chunks
 from dwjax.search.device_programs import (  # TIE_TOL: part of this module's API
     BLOCK, SUB_M, TIE_TOL, PrunedTables, nearest_block, pruned_search, pruned_tables,  # noqa: F401
     tiles)
@@ -285,28 +285,6 @@ def nearest_codes(kernels, recon, chunk_size: int = DEFAULT_CHUNK, mesh: Mesh | 
     return searcher(kernels)
 
 
-class _Readers:
-    """Reads chunks on `n` worker threads (page faults and copies overlap the devices and the
-    caller's writing: numpy copies release the GIL), or inline when n is 0."""
-
-    def __init__(self, n: int):
-        self.pool = concurrent.futures.ThreadPoolExecutor(n) if n > 0 else None
-
-    def submit(self, fn, *args) -> concurrent.futures.Future:
-        if self.pool is not None:
-            return self.pool.submit(fn, *args)
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        done.set_result(fn(*args))
-        return done
-
-    def __enter__(self) -> "_Readers":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 class Searcher:
     """`nearest_codes` prepared once for many calls against the same reconstructions: the tiles,
     the pruning tables and the method choice are built here, each call only streams kernels.
@@ -372,50 +350,55 @@ class Searcher:
         return idx, dis
 
     def stream(self, kernels, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-        """Rows `[start, stop)` of `kernels [N, k, k]`, one `Chunk` per compiled call, in order.
+        """Rows `[start, stop)` of `kernels [N, k, k]`, one `Chunk` per compiled call, in order
+        (`stream_segments` with one segment)."""
+        for _, chunk in self.stream_segments([(kernels, start, stop)]):
+            yield chunk
+
+    def stream_segments(self, spans: Sequence[tuple]) -> Iterator[tuple[int, Chunk]]:
+        """The rows of every `(kernels [N, k, k], start, stop)` span, in order, as
+        `(span index, Chunk)`: a compiled call's rows, or the part of them in one span (calls are
+        packed across spans: search.chunks).
 
         `inflight` calls are dispatched ahead of the one returned, so the devices go on searching
         while the caller writes a chunk's rows. Memory is O(chunk), whatever N: a read-only
         memmap's searched rows are released (shards.release_pages).
         """
-        if start < 0:
-            raise ValueError(f"start must be ≥ 0; got {start}")
         k = self.k
-        stop = len(kernels) if stop is None else min(stop, len(kernels))
-        n = max(stop - start, 0)
+        segs = chunks.segments(spans)
+        n = sum(s.stop - s.start for s in segs)
         if n == 0:
             return
         c = _chunk_rows(self.chunk_size if self.fixed_shape else n, self.chunk_size,
                         self.mesh.size)
         pending: collections.deque = collections.deque()
 
-        def drain() -> Chunk:
-            a, rows, host, out = pending.popleft()
+        def drain() -> Iterator[tuple[int, Chunk]]:
+            pieces, host, out = pending.popleft()
+            rows = pieces[-1].at + pieces[-1].stop - pieces[-1].start
             i_c, d_c, ratio, raw_sum, raw_norm = (np.asarray(o)[:rows] for o in out)
             valid = _valid(ratio, host[:rows])
-            shards.release_pages(kernels, a, a + rows)
-            return Chunk(a, np.where(valid, i_c, -1).astype(np.int32),
-                         np.where(valid, d_c, DEAD_DISSIMILARITY).astype(np.float32),
-                         raw_sum, raw_norm)
+            idx = np.where(valid, i_c, -1).astype(np.int32)
+            dis = np.where(valid, d_c, DEAD_DISSIMILARITY).astype(np.float32)
+            for p in pieces:
+                shards.release_pages(segs[p.segment].kernels, p.start, p.stop)
+                at = slice(p.at, p.at + p.stop - p.start)
+                yield p.segment, Chunk(p.start, idx[at], dis[at], raw_sum[at], raw_norm[at])
 
-        def read(a: int) -> tuple[int, int, np.ndarray]:
-            host = np.asarray(kernels[a:min(a + c, stop)], np.float32).reshape(-1, k, k)
-            rows = len(host)
-            if rows < c:  # pad the last chunk: one compiled shape; padded rows are dropped
-                host = np.concatenate([host, np.zeros((c - rows, k, k), np.float32)])
-            return a, rows, host
+        def read(pieces: list[chunks.Piece]) -> tuple[list[chunks.Piece], np.ndarray]:
+            return pieces, chunks.read(segs, pieces, c, k)
 
-        starts = iter(range(start, stop, c))
-        with _Readers(self.readers) as readers:
-            ahead = collections.deque(readers.submit(read, a)
-                                      for a in itertools.islice(starts, self.inflight + 1))
+        plans = chunks.plan(segs, c)
+        with chunks.Readers(self.readers) as readers:
+            ahead = collections.deque(readers.submit(read, p)
+                                      for p in itertools.islice(plans, self.inflight + 1))
             while ahead:
-                a, rows, host = ahead.popleft().result()
-                for nxt in itertools.islice(starts, 1):
+                pieces, host = ahead.popleft().result()
+                for nxt in itertools.islice(plans, 1):
                     ahead.append(readers.submit(read, nxt))
-                pending.append((a, rows, host, self.fn(_put(self.mesh, host), self.r_tiles,
-                                                       self.basis, self.tables)))
+                pending.append((pieces, host, self.fn(_put(self.mesh, host), self.r_tiles,
+                                                      self.basis, self.tables)))
                 if len(pending) > self.inflight:
-                    yield drain()
+                    yield from drain()
         while pending:
-            yield drain()
+            yield from drain()
