@@ -28,6 +28,9 @@ shard), in a temporary directory (`tmp`, default the system's).
             trivial answer, rows/s of `dwjax.assign.run` at 1 host thread and at every core, per
             extra row between the two sizes (fixed costs cancel), set against the search alone;
             the rows of the two thread counts must be equal
+  packing   the command with brute force on the small set as one part and as 50 parts
+            (`--config.job.part_size`): chunks run over parts, so the many-part job should cost
+            what the one-part job does
   degenerate  a decoder trained one epoch on random kernels (its codes all decode nearly alike:
             cap radius ~0, which alone would say "pruned"): the command with
             `--config.search=auto`, brute and pruned (best of `reps`, interleaved) on
@@ -272,6 +275,21 @@ def degenerate_curve(tmp: str, env: dict, data: str, n: int, reps: int = 3) -> d
     return out
 
 
+def packing(workdir: str, data: str, env: dict, n: int, parts: int = 50, reps: int = 2) -> dict:
+    """The command with brute force on `data` (`n` kernels) as one part and as `parts` parts
+    (`job.part_size`), best of `reps` each after a warm-up: chunks packed across parts make
+    the many-part job cost what the one-part job does (padded per part, it searched up to
+    `parts` × chunk_size rows)."""
+    brute = ("--config.search=brute",)
+    cut = brute + (f"--config.job.part_size={-(-n // parts)}",)
+    assign_jobs.run_command(workdir, data, env, brute)  # warm-up: brute force's program
+    return {"parts": parts,
+            "one": min(assign_jobs.run_command(workdir, data, env, brute)["wall"]
+                       for _ in range(reps)),
+            "many": min(assign_jobs.run_command(workdir, data, env, cut)["wall"]
+                        for _ in range(reps))}
+
+
 def kmeans_rss(tmp: str, env: dict, n: int, small_n: int) -> dict:
     """Peak RSS and wall of `python -m dwjax.assign --kernel_size=3` (k-means fit and
     assignment, fresh workdir) at `n` and `small_n` synthetic 3×3 kernels, after a warm-up."""
@@ -350,6 +368,8 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
         del shard
         step("the host ceiling")
         host = host_rates(workdir, big, small, env, n, small_n)
+        step("packing: many parts vs one, brute force")
+        packed = packing(workdir, small, env, small_n)
         step("the naive numpy program")
         naive = naive_rate(recon, naive_n)
         step("pruned vs brute force, 5x5")
@@ -429,6 +449,12 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
         h = host[threads]["rows_per_s"]
         rows.append(machine.row(f"host ceiling, {name} vs search", h, search["auto"],
                                 "rows/s", h / search["auto"], ">= 10x"))
+    rows.append(machine.row(f"{packed['parts']} parts vs one, brute force, N={count(small_n)}",
+                            packed["many"], packed["one"], "s", packed["many"] / packed["one"],
+                            "<= 1.15x"))
+    notes.append(f"packing: `--config.search=brute` on {small_n:,} kernels as one part "
+                 f"{packed['one']:.2f} s, as {packed['parts']} parts (--config.job.part_size) "
+                 f"{packed['many']:.2f} s: chunks run over parts, so the padding is paid once")
     notes.append(f"host ceiling: dwjax.assign.run with the search replaced by a trivial answer "
                  f"(perf.host_ceiling), per extra row from {small_n:,} to {n:,} kernels; over "
                  f"the whole {n:,}-kernel job {host[1]['whole_job_rows_per_s']:,.0f} rows/s at 1 "
@@ -466,7 +492,7 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
                "rss_mib": {str(n): cmd["rss_mib"], str(small_n): cmd_small["rss_mib"]},
                "pruned_5x5": five,
                "host_ceiling": {str(k): v for k, v in host.items()},
-               "degenerate": degenerate, "kmeans": km}
+               "degenerate": degenerate, "kmeans": km, "packing": packed}
     return {"benchmark": "assign", "skipped": None, "rows": rows, "figures": figures,
             "notes": notes,
             "seconds": {"command": wall, "command_small": wall_small,
