@@ -18,12 +18,10 @@ of one JAX job.
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import hashlib
 import os
-import time
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -33,7 +31,7 @@ from absl import flags
 
 from dwjax import cli, runtime
 from dwjax.errors import ConfigError, UserError
-from dwjax.io import assignment_files, assignment_rows, atomic, paths, shards, sources
+from dwjax.io import assignment_files, assignment_rows, atomic, part_stream, paths, shards, sources
 from dwjax.io import workdir as workdir_lib
 from dwjax.model import decoder, preprocess, restore
 from dwjax.model import mesh as mesh_lib
@@ -235,74 +233,6 @@ class KMeansClassifier:
 _raw_statistics = jax.jit(preprocess.raw_statistics)
 
 
-class _Progress:
-    """Kernels done / total, kernels/s and ETA, per part and for the job, every `every` seconds."""
-
-    def __init__(self, total: int, log: Callable[[str], None], every: float = 10.0):
-        self.total, self.log, self.every = total, log, every
-        self.done, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
-
-    def update(self, part: assignment_files.Part, part_done: int, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        size = part.stop - part.start
-        self.log(f"  {part.shard.source} [{part.start:,}, {part.stop:,}): {part_done:,}/{size:,} "
-                 f"| job {self.done:,}/{self.total:,} ({self.done / max(self.total, 1):.0%}), "
-                 f"{rate:,.0f} kernels/s, ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")
-
-
-def _write_part(rows_iter: Iterator[Rows], part: assignment_files.Part,
-                writer: assignment_files.PartWriter, block: int, progress: _Progress,
-                write_pool: concurrent.futures.Executor | None) -> None:
-    """Streams one part's rows to its file: rows are gathered into blocks of at least `block`
-    (one Parquet row group each) and written, on `write_pool`'s thread when given, while the
-    devices search on; memory depends on the block, not on the shard."""
-    held: list[Rows] = []
-    n_held = done = 0
-    writes: collections.deque = collections.deque()
-
-    def flush() -> None:
-        rows = Rows.concat(held)
-        if write_pool is None:
-            writer.write(rows)
-            return
-        writes.append(write_pool.submit(writer.write, rows))
-        while len(writes) > 2:  # bounded: memory stays a few blocks
-            writes.popleft().result()
-
-    try:
-        for rows in rows_iter:
-            held.append(rows)
-            n_held += len(rows.code)
-            progress.update(part, done + n_held, len(rows.code))
-            if n_held >= block:
-                flush()
-                done += n_held
-                held, n_held = [], 0
-        if held:
-            flush()
-    finally:  # the part's file closes only after its last block is written (or has failed)
-        concurrent.futures.wait(writes)
-    for w in writes:
-        w.result()
-
-
-def _rows_of(stream: Iterator[tuple[int, Rows]], i: int, n: int) -> Iterator[Rows]:
-    """The next `n` rows of `stream`, which must be span `i`'s: exactly the part's rows, so the
-    next part's are not read while this part's file is open (an error there cannot cost this
-    part)."""
-    got = 0
-    while got < n:
-        j, rows = next(stream)
-        assert j == i, (j, i)
-        got += len(rows.code)
-        yield rows
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None, *,
         log: Callable[[str], None] = print,
         wait_for_workers: Callable[[], None] | None = None) -> dict:
@@ -353,7 +283,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
     plan = assignment_files.plan_parts(shard_list, job.part_size)
     mine = plan[job.worker_index::job.num_workers]
     finished = [assignment_files.is_done(out_dir, p, k, config.format) for p in mine]
-    progress = _Progress(sum(p.stop - p.start for p, f in zip(mine, finished) if not f), log)
+    progress = part_stream.Progress(
+        sum(p.stop - p.start for p, f in zip(mine, finished) if not f), log)
     block = max(1, job.chunk_size) * 4  # rows per Parquet row group (at least; whole chunks)
     # one writer thread: a part's blocks stay in order, and pyarrow writes without the GIL
     with contextlib.ExitStack() as stack:
@@ -370,7 +301,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
             n = max(0, min(part.stop, len(part.shard.kernels)) - part.start)
             with assignment_files.open_part(out_dir, part, k, config.format, data_dir,
                                             clf.label_names, part_record) as writer:
-                _write_part(_rows_of(stream, i, n), part, writer, block, progress, write_pool)
+                part_stream.write_part(part_stream.rows_of(stream, i, n), part, writer, block,
+                                       progress, write_pool)
             stats = writer.stats()
             log(f"{part.shard.source}{_rows_note(part)}: {stats['clustered']:,}/"
                 f"{stats['kernels']:,} clustered "

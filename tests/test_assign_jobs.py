@@ -13,7 +13,7 @@ import pytest
 from dwjax.configs import train as train_configs
 
 from dwjax import assign, train
-from dwjax.io import assignment_files, assignment_rows, shards
+from dwjax.io import assignment_files, assignment_rows, part_stream, shards
 from dwjax.patterns import templates
 from tests.helpers import make_data_dir, stage_config
 
@@ -243,7 +243,7 @@ def test_bad_job_flags_are_refused_before_anything_is_written(small_run, tmp_pat
 
 def test_progress_line_reports_rate_and_eta():
     lines = []
-    progress = assign._Progress(1000, lines.append, every=0.0)
+    progress = part_stream.Progress(1000, lines.append, every=0.0)
     shard = shards.Shard("src", "src", np.zeros((1000, 5, 5)), None, {}, "x")
     progress.update(assignment_files.Part(shard, 0, 1000), 250, 250)
     (line,) = lines
