@@ -69,7 +69,8 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
     graphdef, params = model_lib.init_params(config.kernel_size, config.model.hidden,
                                              config.model.negative_slope, config.seed)
     tx = steps.make_optimizer(config, steps_per_epoch)
-    opt_state = tx.init(params)
+    # one program (its compile cached), not an eager op per leaf, each compiled in every run
+    opt_state = jax.jit(tx.init)(params)
     mngr = run_checkpoints.manager(run.checkpoints, config.max_to_keep)
     try:
         restored, restored_opt, meta = run_checkpoints.restore_latest(mngr, params, opt_state,
