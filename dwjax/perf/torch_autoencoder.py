@@ -9,12 +9,13 @@ the training benchmark (dwjax.perf.train_speed; no stage trains with it; torch c
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import sys
 import time
 
 import numpy as np
-
-from dwjax.model import preprocess
 
 VARIANTS = ("eager", "eager_fused_adam", "compiled")
 VARIANT_NAMES = {"eager": "torch eager", "eager_fused_adam": "torch eager fused Adam",
@@ -120,5 +121,33 @@ def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: f
 
 def embed_live(kernels: np.ndarray) -> np.ndarray:
     """Live kernels `[N, k, k]` → `[N_live, k*k-1]` coordinates, with the shared preprocessing."""
+    from dwjax.model import preprocess  # here: the program below imports this module without jax
+
     live = kernels[preprocess.valid_mask(kernels)]
     return np.asarray(preprocess.embed(live))
+
+
+# The PyTorch program as a user runs it, end to end in its own process: Python's start, `import
+# torch`, the data (coordinates saved by the caller: `[N, k*k-1]` float32 `.npy`), the loop, the
+# trained weights saved. The benchmark times the process from outside; it prints the loop's own
+# figures as one JSON line. This module imports no jax, so the process does not either.
+PROGRAM = """
+import sys
+from dwjax.perf import torch_autoencoder
+torch_autoencoder.program_main(sys.argv[1:])
+"""
+
+
+def program_main(argv: list[str]) -> None:
+    """`COORDS.npy OUT.pt EPOCHS BATCH LR WARMUP END_FRACTION VARIANT`: trains with every core
+    and saves the state dict; prints `{"seconds", "epoch_seconds", "loss"}`."""
+    import torch
+
+    coords, out, epochs, batch, lr, warmup, end, variant = argv
+    torch.set_num_threads(os.cpu_count() or 1)
+    run = train(np.load(coords), int(epochs), int(batch), float(lr), float(warmup), float(end),
+                variant=variant)
+    torch.save(run.model.state_dict(), out)
+    print(json.dumps({"seconds": run.seconds, "epoch_seconds": run.epoch_seconds,
+                      "loss": run.mean_loss}))
+    sys.stdout.flush()
