@@ -167,6 +167,8 @@ def run(epochs: int = 10, batch_size: int = 256, kernel_size: int = 5, synthetic
                          f"to end {_spread([r['e2e'] for r in runs])}")
     finally:
         shutil.rmtree(d, ignore_errors=True)
+    notes.append("command rows: each side's whole program in its own process, timed from outside "
+                 "(torch: interpreter start, import torch, data, loop, weights saved)")
     med = {v: {k: float(np.median([r[k] for r in runs])) for k in ("steady", "e2e")}
            for v, runs in theirs.items()}
     figures.update(torch_threads=os.cpu_count() or 1, torch_runs=theirs, torch_medians=med)
@@ -177,7 +179,7 @@ def run(epochs: int = 10, batch_size: int = 256, kernel_size: int = 5, synthetic
                                 med[v]["steady"], "kernels/s", steady / med[v]["steady"],
                                 ">= 2x" if v == fastest_steady else ""))
     for v in variants:
-        rows.append(machine.row(f"command vs {torch_autoencoder.VARIANT_NAMES[v]} program", e2e,
+        rows.append(machine.row(f"command vs {torch_autoencoder.VARIANT_NAMES[v]}", e2e,
                                 med[v]["e2e"], "kernels/s", e2e / med[v]["e2e"],
                                 ">= 1.5x" if v == fastest_e2e else ""))
     return {"benchmark": "train", "skipped": None, "rows": rows, "figures": figures,
