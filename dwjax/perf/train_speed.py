@@ -83,7 +83,7 @@ def _torch_program(d: str, variant: str, epochs: int, batch_size: int, cfg, trai
     torch`, data, loop, weights saved)."""
     from dwjax.perf import torch_autoencoder
 
-    args = [os.path.join(d, "coords.npy"), os.path.join(d, f"{variant}.pt"), str(epochs),
+    args = [os.path.join(d, "coords"), os.path.join(d, f"{variant}.pt"), str(epochs),
             str(batch_size), str(cfg.learning_rate), str(cfg.warmup_epochs),
             str(cfg.end_learning_rate_fraction), variant]
     t0 = time.perf_counter()
@@ -154,7 +154,8 @@ def run(epochs: int = 10, batch_size: int = 256, kernel_size: int = 5, synthetic
     variants = tuple(variants or torch_autoencoder.VARIANTS)
     d = tempfile.mkdtemp(prefix="dwjax-bench-torch-", dir=tmp)
     try:
-        np.save(os.path.join(d, "coords.npy"), coords)
+        with open(os.path.join(d, "coords"), "wb") as f:  # numpy's format; the program loads it
+            np.save(f, coords)
         for variant in variants:
             runs = [_torch_program(d, variant, epochs, batch_size, cfg, trained)
                     for _ in range(repeats)]
