@@ -298,11 +298,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = 
         stream = stack.enter_context(contextlib.closing(clf.stream_segments(
             [(p.shard.kernels, p.start, p.stop) for p in todo])))
         for i, part in enumerate(todo):
-            n = max(0, min(part.stop, len(part.shard.kernels)) - part.start)
             with assignment_files.open_part(out_dir, part, k, config.format, data_dir,
                                             clf.label_names, part_record) as writer:
-                part_stream.write_part(part_stream.rows_of(stream, i, n), part, writer, block,
-                                       progress, write_pool)
+                part_stream.write_part(part_stream.rows_of(stream, i, part.stop - part.start),
+                                       part, writer, block, progress, write_pool)
             stats = writer.stats()
             log(f"{part.shard.source}{_rows_note(part)}: {stats['clustered']:,}/"
                 f"{stats['kernels']:,} clustered "

@@ -29,7 +29,7 @@ import numpy as np
 
 from dwjax.io import shards, sources
 from dwjax.io import workdir as workdir_lib
-from dwjax.perf import machine
+from dwjax.perf import machine, torch_autoencoder  # no torch or jax at import
 
 
 def train_flops_per_kernel(kernel_size: int, hidden=(256, 128, 64, 32)) -> int:
@@ -81,8 +81,6 @@ def _torch_program(d: str, variant: str, epochs: int, batch_size: int, cfg, trai
     steady kernels/s (median epoch after the first), its loop's kernels/s (what the loop alone
     measures, compilation included) and the program's end to end (interpreter start, `import
     torch`, data, loop, weights saved)."""
-    from dwjax.perf import torch_autoencoder
-
     args = [os.path.join(d, "coords"), os.path.join(d, f"{variant}.pt"), str(epochs),
             str(batch_size), str(cfg.learning_rate), str(cfg.warmup_epochs),
             str(cfg.end_learning_rate_fraction), variant]
@@ -147,8 +145,6 @@ def run(epochs: int = 10, batch_size: int = 256, kernel_size: int = 5, synthetic
                                 "skipped (torch not installed)"))
         return {"benchmark": "train", "skipped": None, "rows": rows, "figures": figures,
                 "seconds": seconds, "notes": notes}
-    from dwjax.perf import torch_autoencoder
-
     coords = torch_autoencoder.embed_live(kernels)  # before the clock: a few ms, not the loop
     theirs = {}
     variants = tuple(variants or torch_autoencoder.VARIANTS)
