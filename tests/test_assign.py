@@ -11,7 +11,7 @@ import pytest
 from dwjax.configs import train as train_configs
 
 from dwjax import assign, convert, spectrum, train
-from dwjax.io import shards, sources
+from dwjax.io import assignment_files, shards, sources
 from dwjax.io import workdir as workdir_lib
 from dwjax.model import decoder, restore
 from dwjax.patterns import labels as labels_lib
@@ -338,7 +338,6 @@ def test_a_part_writer_leaves_the_metadata_unmapped(tmp_path):
     """Writing a part's rows reads its layer and channel metadata block by block and releases
     those pages; the rows are built from copies, so nothing maps them again (8 B per kernel
     stayed resident per part before: 80 MB of a 10M-kernel job)."""
-    from dwjax.io import assignment_files
     from dwjax.io.assignment_rows import Rows
 
     n = 1_000_000
@@ -354,8 +353,17 @@ def test_a_part_writer_leaves_the_metadata_unmapped(tmp_path):
             as writer:
         for a in range(0, n, block):
             m = min(block, n - a)
-            writer.write(Rows(np.zeros(m), np.zeros(m, np.float32), np.zeros(m, bool),
-                              np.zeros(m, np.int32), np.zeros(m, np.float32),
-                              np.ones(m, np.float32)))
+            writer.write([Rows(np.zeros(m), np.zeros(m, np.float32), np.zeros(m, bool),
+                               np.zeros(m, np.int32), np.zeros(m, np.float32),
+                               np.ones(m, np.float32))])
         assert _mapped_kib(meta_path) < 512, _mapped_kib(meta_path)  # of 7,813 KiB
     assert writer.stats()["kernels"] == n
+
+
+def test_distinct_ids_are_np_unique():
+    rng = np.random.default_rng(0)
+    for ids in (rng.integers(3, 40, 10_000), rng.integers(0, 1 << 30, 500), np.zeros(0, int),
+                np.full(7, 5)):
+        ids = ids.astype(np.int32)
+        got = assignment_files.distinct_ids(ids)
+        assert got.dtype == ids.dtype and np.array_equal(got, np.unique(ids))

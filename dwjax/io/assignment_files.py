@@ -98,6 +98,17 @@ def is_done(out_dir: str, part: Part, k: int, fmt: str) -> bool:
         part.shard.sha256, part.start, part.stop)
 
 
+def distinct_ids(ids: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of non-negative integer ids `[n]`, in O(n + max − min) (layer
+    ids are a shard's few layer numbers; `np.unique` would sort every row)."""
+    if len(ids) == 0:
+        return ids[:0]
+    lo, hi = int(ids.min()), int(ids.max())
+    if hi - lo > len(ids):
+        return np.unique(ids)
+    return (np.flatnonzero(np.bincount(ids - lo)) + lo).astype(ids.dtype)
+
+
 # ----------------------------------------------------------------------------- writing a part
 @contextlib.contextmanager
 def open_part(out_dir: str, part: Part, k: int, fmt: str, data_dir: str,
@@ -125,7 +136,7 @@ class PartWriter:
         self.data_dir = os.path.abspath(data_dir)
         self.label_names = list(label_names)
         meta = part.shard.meta
-        layer_ids = np.unique(np.asarray(meta["layer"][part.start:part.stop]))
+        layer_ids = distinct_ids(np.asarray(meta["layer"][part.start:part.stop]))
         shards.release_pages(meta, part.start, part.stop)  # read again block by block
         self.layer_ids = layer_ids
         self.layer_names = [part.shard.layer_names.get(int(lid), "") for lid in layer_ids]
@@ -135,8 +146,13 @@ class PartWriter:
         self._parquet = None
         self._csv = None
 
-    def write(self, rows: assignment_rows.Rows) -> None:
-        """The next rows of the part, in shard order."""
+    def write(self, pieces: Sequence[assignment_rows.Rows]) -> None:
+        """The next rows of the part, in shard order, as consecutive pieces: one block, written
+        as one Parquet row group without joining the pieces first."""
+        self._write([self._account(rows) for rows in pieces])
+
+    def _account(self, rows: assignment_rows.Rows) -> tuple:
+        """`(where, rows)` of the next rows, counted into the part's statistics."""
         a = self.part.start + self.rows
         n = len(rows.code)
         meta = self.part.shard.meta[a:a + n]
@@ -152,27 +168,30 @@ class PartWriter:
                                    minlength=self.counts.size).reshape(self.counts.shape)
         self.clustered += np.bincount(layer_pos, weights=rows.clustered,
                                       minlength=len(self.layer_ids)).astype(np.int64)
-        where = assignment_rows.Where(self.part.shard.source, self.k, layer, layer_pos,
-                                      self.layer_names, channel)
-        self._write(where, rows)
         self.rows += n
+        return assignment_rows.Where(self.part.shard.source, self.k, layer, layer_pos,
+                                     self.layer_names, channel), rows
 
-    def _write(self, where: assignment_rows.Where, rows: assignment_rows.Rows) -> None:
+    def _write(self, blocks: Sequence[tuple]) -> None:
+        """`blocks`: `(where, rows)` pairs, written in order as one row group (Parquet)."""
         if self.fmt == "parquet":
-            if self._parquet is None:
-                import pyarrow.parquet as pq
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
+            if self._parquet is None:
                 self._parquet = self._files.enter_context(pq.ParquetWriter(
                     self._tmp, assignment_rows.ROW_SCHEMA, compression="zstd",
                     use_dictionary=assignment_rows.DICTIONARY_COLUMNS,
                     write_statistics=assignment_rows.STATISTICS_COLUMNS))
-            self._parquet.write_table(assignment_rows.table(where, rows, self.label_names))
+            self._parquet.write_table(pa.concat_tables(
+                [assignment_rows.table(where, rows, self.label_names) for where, rows in blocks]))
         else:
             if self._csv is None:
                 f = self._files.enter_context(open(self._tmp, "w", newline=""))
                 self._csv = csv.writer(f)  # quotes ids and names with commas or quotes
                 self._csv.writerow(assignment_rows.COLUMNS)
-            self._csv.writerows(assignment_rows.text_rows(where, rows, self.label_names))
+            for where, rows in blocks:
+                self._csv.writerows(assignment_rows.text_rows(where, rows, self.label_names))
 
     def finish(self) -> None:
         """Checks the part is complete; an empty part still gets a header-only file."""
@@ -182,7 +201,7 @@ class PartWriter:
             empty = np.zeros(0, np.int32)
             where = assignment_rows.Where(self.part.shard.source, self.k, empty, empty,
                                           self.layer_names, empty)
-            self._write(where, assignment_rows.Rows.empty())
+            self._write([(where, assignment_rows.Rows.empty())])
 
     def stats(self) -> dict:
         def counts(row: np.ndarray, clustered: int) -> dict:

@@ -43,11 +43,10 @@ def write_part(rows_iter: Iterator[Rows], part: assignment_files.Part,
     writes: collections.deque = collections.deque()
 
     def flush() -> None:
-        rows = Rows.concat(held)
         if write_pool is None:
-            writer.write(rows)
+            writer.write(held)
             return
-        writes.append(write_pool.submit(writer.write, rows))
+        writes.append(write_pool.submit(writer.write, held))
         while len(writes) > 2:  # bounded: memory stays a few blocks
             writes.popleft().result()
 
