@@ -19,7 +19,7 @@ UNCLUSTERED, DEAD = "Unclustered", "Dead"
 
 _TEXT = pa.dictionary(pa.int32(), pa.string())
 # Every column is required (never null: a dead kernel's code and dissimilarity are NaN), so a
-# writer builds no definition levels, a sixth of its time.
+# writer builds no definition levels (BENCHMARKS.md, "cheaper part writes").
 ROW_SCHEMA = pa.schema([pa.field(name, kind, nullable=False) for name, kind in [
     ("source", _TEXT), ("layer", pa.int32()), ("layer_name", _TEXT), ("channel", pa.int32()),
     ("kernel_size", pa.int32()), ("code", pa.float64()), ("dissimilarity", pa.float32()),
@@ -31,9 +31,9 @@ COLUMNS = tuple(ROW_SCHEMA.names)
 # values: its dictionary makes the write faster and the file smaller); the other numeric columns
 # would spend most of the write time building dictionaries they then drop.
 DICTIONARY_COLUMNS = [f.name for f in ROW_SCHEMA if pa.types.is_dictionary(f.type)] + ["code"]
-# Min/max statistics where they let a reader skip row groups (a source, layer, channel): those
-# of the measured floats were a third of the write time, and the label's span nearly every label
-# in every row group (a filter on it skips nothing) while they cost a tenth of the write.
+# Min/max statistics where they let a reader skip row groups (a source, layer, channel): not on
+# the measured floats, which no reader filters by, nor on the label, whose range spans nearly
+# every label in every row group (a filter on it skips nothing); each costs write time.
 STATISTICS_COLUMNS = [f.name for f in ROW_SCHEMA
                       if not pa.types.is_floating(f.type) and f.name != "label"]
 
