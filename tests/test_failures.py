@@ -78,7 +78,13 @@ def test_bad_train_values_fail_before_anything_is_written(data, trained, tmp_pat
              override)
     _one_line(p, "train", word)
     assert not os.path.exists(fresh)
-    # and the next correct command is not refused (it resumes the finished run: nothing to do)
+
+
+def test_a_failed_start_does_not_block_the_next_correct_command(data, trained):
+    p = _run("dwjax.train", "--kernel_size=5", f"--data_dir={data}", f"--workdir={trained}",
+             "--config.learning_rate=nan")
+    _one_line(p, "train", "learning_rate")
+    # the correct command resumes the finished run: nothing to do, and no refusal
     p = _run("dwjax.train", "--kernel_size=5", f"--data_dir={data}", f"--workdir={trained}",
              "--config.num_epochs=2", "--config.batch_size=64", "--config.eval_batch_size=512")
     assert p.returncode == 0, p.stderr[-2000:]

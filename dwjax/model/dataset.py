@@ -15,6 +15,12 @@ from dwjax.io import shards
 from dwjax.model import preprocess
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """`[n]` int64: the permutation of the valid kernels that epoch `epoch` visits, batch by batch
+    (a function of (seed, epoch) alone, so a resumed run and the torch yardstick see the same)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 class DataError(UserError):
     """No usable kernels for the asked kernel size."""
 
@@ -80,7 +86,7 @@ class KernelDataset:
     def epoch_batches(self, epoch: int, seed: int, batch_size: int):
         """Yields `(step_in_epoch, global index [batch_size])`; the last partial batch is
         dropped."""
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.valid_index))
+        order = epoch_order(seed, epoch, len(self.valid_index))
         for b in range(len(order) // batch_size):
             yield b, self.valid_index[order[b * batch_size:(b + 1) * batch_size]]
 

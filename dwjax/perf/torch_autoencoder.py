@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -28,6 +29,7 @@ class TorchRun:
     mean_loss: float         # mean dissimilarity over every kernel given, after training
     seconds: float           # the whole loop, compilation included
     epoch_seconds: list      # each epoch's wall time (the first includes compilation)
+    losses: list             # each step's batch loss, in order
 
 
 def build(dim: int, hidden=(256, 128, 64, 32), negative_slope: float = 0.01):
@@ -46,6 +48,23 @@ def build(dim: int, hidden=(256, 128, 64, 32), negative_slope: float = 0.01):
     return nn.Sequential(*enc, *dec)
 
 
+def load_params(model, params: dict) -> None:
+    """Copies dwjax's pure-dict parameters into `build`'s model, in place: its Linear layers are
+    encoder 0…, to_code, from_code, decoder 0…; a torch weight `[out, in]` is a kernel `[in, out]`
+    transposed."""
+    import torch
+
+    blocks = [*(params["encoder"][i] for i in sorted(params["encoder"])), params["to_code"],
+              params["from_code"], *(params["decoder"][i] for i in sorted(params["decoder"]))]
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    if len(linears) != len(blocks):
+        raise ValueError(f"params have {len(blocks)} layers, the model {len(linears)}")
+    with torch.no_grad():
+        for layer, block in zip(linears, blocks):
+            layer.weight.copy_(torch.from_numpy(np.array(block["kernel"], np.float32).T))
+            layer.bias.copy_(torch.from_numpy(np.array(block["bias"], np.float32)))
+
+
 def _loss(x, recon):
     import torch
 
@@ -55,12 +74,18 @@ def _loss(x, recon):
 def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: float,
           warmup_epochs: float = 1.0, end_fraction: float = 0.02, seed: int = 0,
           hidden=(256, 128, 64, 32), negative_slope: float = 0.01,
-          max_steps: int | None = None, variant: str = "eager") -> TorchRun:
+          max_steps: int | None = None, variant: str = "eager",
+          init: dict | None = None,
+          epoch_order: Callable[[int], np.ndarray] | None = None) -> TorchRun:
     """Adam with linear warm-up + cosine decay, as configs/train.py.
 
     Args:
       coords: `[N, k*k-1]` unit hyperplane coordinates (preprocess.embed of the live kernels).
       variant: one of `VARIANTS`.
+      init: starting weights as dwjax's pure-dict parameters (`decoder.param_template`'s layout);
+        None keeps torch's own initialisation.
+      epoch_order: epoch → `[N]` permutation of `coords` it visits batch by batch (e.g.
+        dwjax.model.dataset.epoch_order, the batches a dwjax run sees); None draws its own.
     """
     import torch
 
@@ -69,6 +94,8 @@ def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: f
     torch.manual_seed(seed)
     x_all = torch.from_numpy(np.array(coords, np.float32))  # a writable copy
     model = build(x_all.shape[1], hidden, negative_slope)
+    if init is not None:
+        load_params(model, init)
     compiled = variant == "compiled"
     # A tensor learning rate lets the compiled step take each new value without recompiling.
     opt = torch.optim.Adam(model.parameters(),
@@ -93,10 +120,11 @@ def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: f
     if compiled:
         forward_loss, opt_step = torch.compile(forward_loss), torch.compile(opt_step)
     gen = np.random.default_rng(seed)
-    step, epoch_seconds, t0 = 0, [], time.perf_counter()
-    for _ in range(num_epochs):
+    step, epoch_seconds, losses, t0 = 0, [], [], time.perf_counter()
+    for epoch in range(num_epochs):
         te = time.perf_counter()
-        order = torch.from_numpy(gen.permutation(len(x_all)))
+        perm = gen.permutation(len(x_all)) if epoch_order is None else epoch_order(epoch)
+        order = torch.from_numpy(np.asarray(perm, np.int64))
         for b in range(steps_per_epoch):
             for g in opt.param_groups:
                 if compiled:
@@ -107,6 +135,7 @@ def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: f
             opt.zero_grad()
             loss.backward()
             opt_step()
+            losses.append(loss.detach())  # no host sync per step: read once at the end
             step += 1
             if max_steps is not None and step >= max_steps:
                 break
@@ -116,7 +145,7 @@ def train(coords: np.ndarray, num_epochs: int, batch_size: int, learning_rate: f
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         mean = float(_loss(x_all, model(x_all)))
-    return TorchRun(model, mean, seconds, epoch_seconds)
+    return TorchRun(model, mean, seconds, epoch_seconds, [float(v) for v in losses])
 
 
 def embed_live(kernels: np.ndarray) -> np.ndarray:
