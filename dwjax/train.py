@@ -95,15 +95,18 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
         f"dropped), {mesh.devices.size} device(s), batch {config.batch_size}, "
         f"{steps_per_epoch} steps/epoch")
     rows = steps.host_rows(config.batch_size)
+    calls = steps.call_sizes(steps_per_epoch, config.steps_per_call)
     with metrics.MetricsWriter(run.metrics_jsonl, run.tensorboard, resume_step, primary) as out:
         for epoch in range(start_epoch, config.num_epochs):
             t0 = time.perf_counter()
             losses = []
             batches = [b for _, b in dataset.epoch_batches(epoch, config.seed, config.batch_size)]
-            for a in range(0, len(batches), config.steps_per_call):
+            a = 0
+            for size in calls:
                 # Every host draws the same global batches and reads only its slice of each
                 # (sorted first, so the slices are those of the sorted global batch).
-                stack = np.sort(np.stack(batches[a:a + config.steps_per_call]), axis=-1)
+                stack = np.sort(np.stack(batches[a:a + size]), axis=-1)
+                a += size
                 kernels = dataset.gather(stack[:, rows])
                 params, opt_state, loss = step_fn(params, opt_state,
                                                   mesh_lib.shard_steps(mesh, kernels))

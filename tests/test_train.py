@@ -13,7 +13,7 @@ from dwjax.configs import train as train_configs
 from dwjax import train
 from dwjax.errors import CheckpointError
 from dwjax.io import workdir
-from dwjax.model import preprocess, restore
+from dwjax.model import preprocess, restore, steps
 from tests.conftest import run_module
 from tests.helpers import make_data_dir
 
@@ -107,6 +107,8 @@ def test_killed_run_resumes_to_identical_parameters(proto_dir, tmp_path):
     cfg = small_config(num_epochs=5, checkpoint_every_epochs=2)
     full = train.run(cfg, str(tmp_path / "full"), d, log=lambda *_: None)
     killed = str(tmp_path / "killed")
+    # cut into other jitted calls (37 steps an epoch: 5+5+5+5+5+4+4+4, not 19+18): the same updates
+    cfg = small_config(num_epochs=5, checkpoint_every_epochs=2, steps_per_call=5)
     train.run(
         cfg, killed, d, log=lambda *_: None, stop_after_epochs=3
     )  # dies after epoch 3
@@ -123,6 +125,17 @@ def test_killed_run_resumes_to_identical_parameters(proto_dir, tmp_path):
     model, config = restore.load_model(workdir.RunDir(killed))
     x = preprocess.embed(proto_dir[1][:10])
     np.testing.assert_array_equal(np.asarray(model.encode(x)), np.asarray(resumed.model.encode(x)))
+
+
+def test_an_epoch_is_cut_into_as_few_and_as_even_calls_as_fit():
+    assert steps.call_sizes(93, 32) == [31, 31, 31]  # the README default: one compiled program
+    assert steps.call_sizes(37, 32) == [19, 18]
+    assert steps.call_sizes(37, 5) == [5, 5, 5, 5, 5, 4, 4, 4]
+    assert steps.call_sizes(64, 32) == [32, 32] and steps.call_sizes(3, 32) == [3]
+    for n, s in ((1, 1), (97, 32), (1000, 7), (31, 32)):
+        sizes = steps.call_sizes(n, s)
+        assert sum(sizes) == n and max(sizes) <= s and max(sizes) - min(sizes) <= 1
+        assert len(sizes) == -(-n // s)
 
 
 def test_mismatched_and_corrupt_checkpoints_are_refused(proto_dir, tmp_path):

@@ -123,6 +123,16 @@ def make_train_steps(graphdef, tx, mesh):
                    donate_argnums=(0, 1))
 
 
+def call_sizes(steps_per_epoch: int, steps_per_call: int) -> list[int]:
+    """The steps of each jitted call of an epoch: as few calls of at most `steps_per_call` as
+    cover it, sizes as even as possible (at most two sizes, so two compiled programs; one when
+    they divide evenly, e.g. 93 steps as 3 × 31, not 32 + 32 + 29). The same updates whatever
+    the cut: the scan runs the steps in order."""
+    n = -(-steps_per_epoch // steps_per_call)
+    q, r = divmod(steps_per_epoch, n)
+    return [q + 1] * r + [q] * (n - r)
+
+
 def host_rows(global_rows: int) -> slice:
     """This process's slice of every global batch of `global_rows` rows."""
     local = global_rows // jax.process_count()
