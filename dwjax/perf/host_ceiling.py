@@ -73,9 +73,8 @@ class TrivialSearcher(nearest.Searcher):
     """A `nearest.Searcher` (same setup, streaming, reader threads and chunk shapes) whose
     compiled program answers trivially instead of searching."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fn = _compiled(self.mesh, self.m)
+    def _program(self, mesh):
+        return _compiled(mesh, self.m)
 
 
 def install() -> None:

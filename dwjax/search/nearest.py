@@ -50,7 +50,9 @@ Both methods: host arrays (np.memmap is fine) are streamed in chunks of `chunk_s
 last chunk is padded so there is one compiled shape; each chunk is sharded over the mesh's "data"
 axis (shard_map: every device runs on its rows, reconstructions replicated); two chunks are kept in
 flight so host reads, and whatever the caller does with a chunk (`Searcher.stream`), overlap
-compute. Memory is O(chunk_size·(k² + M/tile_m) + M·d), flat in N, plus the two O(N) outputs
+compute. On a CPU with several devices of this process, each device instead runs whole chunks of
+its share's size on its own lane (search.lanes), so no device waits for another.
+Memory is O(chunk_size·(k² + M/tile_m) + M·d), flat in N, plus the two O(N) outputs
 (8 bytes per kernel) of `nearest_codes`; `Searcher.stream` yields chunks instead. Every dot
 product is float32 at HIGHEST precision (preprocess.PRECISION); bfloat16 does not make the CPU's
 fused dot+max any faster.
@@ -78,7 +80,10 @@ from jax.sharding import PartitionSpec as P
 from dwjax.io import shards
 from dwjax.model import mesh as mesh_lib
 from dwjax.model import preprocess
-from dwjax.search import chunks
+from dwjax.search import chunks, lanes
+from dwjax.search.method_choice import (  # noqa: F401 (part of this module's API)
+    PRUNED_MAX_RADIUS, PRUNED_MAX_VISITS, PRUNED_MIN_M, PRUNED_SLOW_JAX, choose_method,
+    pruned_visit_fraction)
 from dwjax.search.device_programs import (  # TIE_TOL: part of this module's API
     BLOCK, SUB_M, TIE_TOL, PrunedTables, nearest_block, pruned_search, pruned_tables,  # noqa: F401
     tiles)
@@ -92,17 +97,6 @@ DEFAULT_TILE_M = TILE_M["cpu"]
 UNROLL = 4
 DEAD_DISSIMILARITY = 1.0
 METHODS = ("auto", "brute", "pruned")
-# auto: pruned only on CPU, from this many reconstructions up, and only if they form a smooth
-# curve: median sub-tile cap radius below this (radians). Both keep a margin on brute force's side
-# of where the two break even on a curve of DoG-family templates (BENCHMARKS.md).
-PRUNED_MIN_M = 6000
-PRUNED_MAX_RADIUS = 0.04
-# Above this share of tiles visited (pruned_visit_fraction) the bound's pass and the block loop
-# cost more than they save.
-PRUNED_MAX_VISITS = 0.5
-# jaxlib releases whose XLA:CPU runs the pruned search's block loop many times slower (fixed in
-# 0.10.2; BENCHMARKS.md, version floors): brute force there.
-PRUNED_SLOW_JAX = ("0.10.0", "0.10.1")
 # Rows per device of one compiled call: with ≥ 2 rows XLA:CPU runs every GEMM through its blocked
 # kernel; a 1-row product takes a matrix-vector path that rounds differently (see docstring).
 MIN_DEVICE_ROWS = 8
@@ -192,66 +186,6 @@ def _chunk_rows(n: int, chunk_size: int, n_dev: int) -> int:
     return c
 
 
-def choose_method(backend: str, n: int, m: int, radius: float | None = None,
-                  visit_fraction: float | None = None) -> str:
-    """"brute" or "pruned" for N kernels against M reconstructions on `backend` ("cpu", "gpu",
-    "tpu"):
-
-      * GPU/TPU: brute force. Its fused GEMM is what accelerators are built for, and the pruned
-        search's sequential per-block loop of small GEMMs would leave most of the chip idle (not
-        yet timed on an accelerator; rerun the benchmark there to revisit).
-      * CPU, M < PRUNED_MIN_M: brute force (few tiles: the bound pass and the block loop cost as
-        much as they save).
-      * CPU with a jax in PRUNED_SLOW_JAX: brute force (that XLA runs the block loop slowly).
-      * CPU, `radius` (the median sub-tile cap radius, `PrunedTables.radius`) ≥ PRUNED_MAX_RADIUS:
-        brute force: the rows are too far apart along the curve, or form no curve at all (random
-        rows: ~1.7 rad), and the bound prunes too little.
-      * CPU, `visit_fraction` (`pruned_visit_fraction` on a sample of the job's kernels) above
-        PRUNED_MAX_VISITS: brute force: the bound would keep most tiles (a degenerate curve whose
-        codes all decode alike has radius ~0 and yet prunes nothing).
-      * CPU otherwise: pruned (N does not matter: both compile once per chunk shape).
-    """
-    if backend != "cpu" or m < PRUNED_MIN_M or jax.__version__ in PRUNED_SLOW_JAX:
-        return "brute"
-    if radius is not None and radius >= PRUNED_MAX_RADIUS:
-        return "brute"
-    if visit_fraction is not None and visit_fraction > PRUNED_MAX_VISITS:
-        return "brute"
-    return "pruned"
-
-
-def pruned_visit_fraction(tables: PrunedTables, kernels, tile_m: int) -> float:
-    """The share of tiles the pruned search would visit for `kernels [n, k, k]` (a sample of a
-    job), estimated on the host: each kernel's kept sub-tiles by the cap bound (without the
-    rounding slack), united over blocks of BLOCK kernels sorted by best tile as the search does.
-    Near 1: the bound prunes nothing and brute force is cheaper."""
-    kernels = np.asarray(kernels, np.float32)
-    live = preprocess.valid_mask(kernels)
-    if not live.any():
-        return 1.0
-    k = kernels.shape[-1]
-    # numpy, not jax: eager jax ops would each compile, costing more than the estimate saves
-    x = preprocess.embed(kernels[live], preprocess.hyperplane_basis(k), xp=np)
-    reps = np.asarray(tables.reps, np.float64)
-    p = x @ reps.T
-    lb, best = p.max(axis=1), p.argmax(axis=1)
-    caps = np.asarray(tables.caps, np.float64)
-    centre, cos_r, sin_r = caps[:, :-2], -caps[:, -2], caps[:, -1]
-    always = ~caps.any(axis=1)
-    cos_t = np.clip(x @ centre.T, -1.0, 1.0)
-    sin_t = np.sqrt(1.0 - cos_t ** 2)
-    inside = cos_t >= cos_r  # θ ≤ ρ
-    bound = np.where(inside, 1.0, cos_t * cos_r + sin_t * sin_r)
-    kept = (bound >= lb[:, None] - TIE_TOL) | always
-    per_tile = max(1, tile_m // SUB_M)
-    kept_tiles = kept[:, : (kept.shape[1] // per_tile) * per_tile]
-    kept_tiles = kept_tiles.reshape(len(x), -1, per_tile).any(axis=2)
-    order = np.argsort(best, kind="stable")
-    visits = [kept_tiles[order[i:i + BLOCK]].any(axis=0).mean()
-              for i in range(0, len(order), BLOCK)]
-    return float(np.mean(visits))
-
-
 def default_tile_m(backend: str) -> int:
     return TILE_M.get(backend, DEFAULT_TILE_M)
 
@@ -337,7 +271,23 @@ class Searcher:
         self.method, self.backend = method, backend
         self.tables = None if method == "brute" else jax.device_put(tables, rep)
         self.basis = jax.device_put(preprocess.hyperplane_basis(k), rep)
-        self.fn = _compiled(mesh, self.m, method)
+        self.fn = self._program(mesh)
+        # CPU, several devices of this process: each runs whole chunks on its own (search.lanes)
+        self.lanes = [self._lane(d) for d in mesh.devices.flat] if (
+            backend == "cpu" and mesh.size > 1
+            and all(d.process_index == jax.process_index() for d in mesh.devices.flat)) else None
+
+    def _program(self, mesh: Mesh):
+        """The jitted chunk function on `mesh` (`_compiled`; the host-ceiling bench swaps it)."""
+        return _compiled(mesh, self.m, self.method)
+
+    def _lane(self, device) -> tuple:
+        """One device's `(mesh, program, r_tiles, basis, tables)`, the constants on it."""
+        mesh = Mesh(np.array([device]), ("data",))
+        rep = mesh_lib.replicated(mesh)
+        tables = None if self.tables is None else jax.device_put(self.tables, rep)
+        return (mesh, self._program(mesh), jax.device_put(self.r_tiles, rep),
+                jax.device_put(self.basis, rep), tables)
 
     def __call__(self, kernels) -> tuple[np.ndarray, np.ndarray]:
         """`[N, k, k]` → `(idx [N] int32, dis [N] float32)`, as `nearest_codes`."""
@@ -371,10 +321,8 @@ class Searcher:
             return
         c = _chunk_rows(self.chunk_size if self.fixed_shape else n, self.chunk_size,
                         self.mesh.size)
-        pending: collections.deque = collections.deque()
 
-        def drain() -> Iterator[tuple[int, Chunk]]:
-            pieces, host, out = pending.popleft()
+        def answers(pieces, host, out) -> Iterator[tuple[int, Chunk]]:
             rows = pieces[-1].at + pieces[-1].stop - pieces[-1].start
             i_c, d_c, ratio, raw_sum, raw_norm = (np.asarray(o)[:rows] for o in out)
             valid = _valid(ratio, host[:rows])
@@ -384,6 +332,25 @@ class Searcher:
                 shards.release_pages(segs[p.segment].kernels, p.start, p.stop)
                 at = slice(p.at, p.at + p.stop - p.start)
                 yield p.segment, Chunk(p.start, idx[at], dis[at], raw_sum[at], raw_norm[at])
+
+        if self.lanes is not None:
+            # each device's share of a chunk is one lane's chunk: the same per-device shape
+            lane_rows = c // len(self.lanes)
+
+            def lane(mesh, fn, r_tiles, basis, tables):
+                def run(pieces: list[chunks.Piece]) -> tuple:
+                    host = chunks.read(segs, pieces, lane_rows, k)
+                    out = fn(_put(mesh, host), r_tiles, basis, tables)
+                    return pieces, host, [np.asarray(o) for o in out]
+                return run
+
+            runs = [lane(*x) for x in self.lanes]
+            for result in lanes.in_order(chunks.plan(segs, lane_rows), runs,
+                                         ahead=len(self.lanes) * (self.inflight + 1)):
+                yield from answers(*result)
+            return
+
+        pending: collections.deque = collections.deque()
 
         def read(pieces: list[chunks.Piece]) -> tuple[list[chunks.Piece], np.ndarray]:
             return pieces, chunks.read(segs, pieces, c, k)
@@ -399,6 +366,6 @@ class Searcher:
                 pending.append((pieces, host, self.fn(_put(self.mesh, host), self.r_tiles,
                                                       self.basis, self.tables)))
                 if len(pending) > self.inflight:
-                    yield from drain()
+                    yield from answers(*pending.popleft())
         while pending:
-            yield from drain()
+            yield from answers(*pending.popleft())
