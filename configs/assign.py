@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         overwrite=False,         # redo assignments made with other settings
         # host threads: chunks read ahead of the devices on all but one, part files written on
         # one; 0: the machine's cores, 1: everything in the calling thread. Never changes a row.
+        # (On a CPU with several devices each device's lane reads its own chunks: search.lanes.)
         threads=0,
         # accept a worker whose search (backend, method, tiles, jax) differs from the job's;
         # each part then records its own

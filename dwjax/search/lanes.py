@@ -16,46 +16,71 @@ Job = TypeVar("Job")
 Result = TypeVar("Result")
 
 
-def in_order(jobs: Iterable[Job], lanes: Sequence[Callable[[Job], Result]],
+def in_order(jobs: Iterable[Job], lanes: Sequence[Callable[[Job], Callable[[], Result]]],
              ahead: int) -> Iterator[Result]:
-    """`lanes[i](job)` for every job, yielded in the jobs' order; lane i runs on its own thread
-    and takes the next job whenever it is free. At most `ahead` (≥ len(lanes)) jobs are taken and
-    not yet yielded, so memory is bounded by `ahead` results. A lane's exception is raised here,
-    at its job's place in the order; closing the iterator early stops the lanes after their
-    current job."""
+    """Every job's result, yielded in the jobs' order. `lanes[i](job)` starts a job (e.g. queues
+    it on device i) and returns a function that waits for its result; lane i runs on its own
+    thread, holding one started job while it starts the next, so its device has the next job
+    queued while the thread waits for Python's lock. A lane takes the next job whenever it is
+    free. At most `ahead` (≥ 2 × len(lanes)) jobs are taken and not yet yielded, so memory is
+    bounded by `ahead` results. A lane's exception is raised here, at its job's place in the
+    order; closing the iterator early stops the lanes after their current jobs."""
     jobs = iter(jobs)
     cond = threading.Condition()
-    slots = threading.Semaphore(max(ahead, len(lanes)))
+    slots = threading.Semaphore(max(ahead, 2 * len(lanes)))
     results: dict[int, tuple[bool, object]] = {}
     state = {"taken": 0, "exhausted": False, "stop": False}
 
-    def run(lane: Callable[[Job], Result]) -> None:
-        while True:
-            slots.acquire()
-            with cond:
-                if state["stop"] or state["exhausted"]:
-                    return
-                try:
-                    job = next(jobs)
-                except StopIteration:
-                    state["exhausted"] = True
-                    cond.notify_all()
-                    return
-                except BaseException as e:  # the jobs' iterator failed: raised in order
-                    state["exhausted"] = True
-                    results[state["taken"]] = (False, e)
+    def publish(seq: int, wait: Callable[[], Result]) -> None:
+        try:
+            out = (True, wait())
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            out = (False, e)
+        with cond:
+            results[seq] = out
+            cond.notify_all()
+
+    def failed(e: BaseException) -> Callable[[], Result]:
+        def wait() -> Result:
+            raise e
+        return wait
+
+    def run(lane: Callable[[Job], Callable[[], Result]]) -> None:
+        held = None  # (seq, wait) of the job started last, not yet published
+        try:
+            while True:
+                if not slots.acquire(blocking=False):
+                    if held is not None:  # the caller may be waiting for it: finish it first
+                        publish(*held)
+                        held = None
+                    slots.acquire()
+                with cond:
+                    if state["stop"] or state["exhausted"]:
+                        return
+                    try:
+                        job = next(jobs)
+                    except StopIteration:
+                        state["exhausted"] = True
+                        cond.notify_all()
+                        return
+                    except BaseException as e:  # the jobs' iterator failed: raised in order
+                        state["exhausted"] = True
+                        results[state["taken"]] = (False, e)
+                        state["taken"] += 1
+                        cond.notify_all()
+                        return
+                    seq = state["taken"]
                     state["taken"] += 1
-                    cond.notify_all()
-                    return
-                seq = state["taken"]
-                state["taken"] += 1
-            try:
-                out = (True, lane(job))
-            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
-                out = (False, e)
-            with cond:
-                results[seq] = out
-                cond.notify_all()
+                try:
+                    wait = lane(job)
+                except BaseException as e:  # noqa: BLE001
+                    wait = failed(e)
+                if held is not None:
+                    publish(*held)
+                held = (seq, wait)
+        finally:
+            if held is not None:
+                publish(*held)
 
     threads = [threading.Thread(target=run, args=(lane,), name=f"lane-{i}", daemon=True)
                for i, lane in enumerate(lanes)]

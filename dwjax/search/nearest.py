@@ -50,8 +50,8 @@ Both methods: host arrays (np.memmap is fine) are streamed in chunks of `chunk_s
 last chunk is padded so there is one compiled shape; each chunk is sharded over the mesh's "data"
 axis (shard_map: every device runs on its rows, reconstructions replicated); two chunks are kept in
 flight so host reads, and whatever the caller does with a chunk (`Searcher.stream`), overlap
-compute. On a CPU with several devices of this process, each device instead runs whole chunks of
-its share's size on its own lane (search.lanes), so no device waits for another.
+compute. On a CPU with several devices of this process, each device instead runs whole chunks on
+its own lane (search.lanes), so no device waits for another.
 Memory is O(chunk_size·(k² + M/tile_m) + M·d), flat in N, plus the two O(N) outputs
 (8 bytes per kernel) of `nearest_codes`; `Searcher.stream` yields chunks instead. Every dot
 product is float32 at HIGHEST precision (preprocess.PRECISION); bfloat16 does not make the CPU's
@@ -334,18 +334,15 @@ class Searcher:
                 yield p.segment, Chunk(p.start, idx[at], dis[at], raw_sum[at], raw_norm[at])
 
         if self.lanes is not None:
-            # each device's share of a chunk is one lane's chunk: the same per-device shape
-            lane_rows = c // len(self.lanes)
-
             def lane(mesh, fn, r_tiles, basis, tables):
-                def run(pieces: list[chunks.Piece]) -> tuple:
-                    host = chunks.read(segs, pieces, lane_rows, k)
-                    out = fn(_put(mesh, host), r_tiles, basis, tables)
-                    return pieces, host, [np.asarray(o) for o in out]
-                return run
+                def start(pieces: list[chunks.Piece]):
+                    host = chunks.read(segs, pieces, c, k)
+                    out = fn(_put(mesh, host), r_tiles, basis, tables)  # queued on its device
+                    return lambda: (pieces, host, [np.asarray(o) for o in out])
+                return start
 
             runs = [lane(*x) for x in self.lanes]
-            for result in lanes.in_order(chunks.plan(segs, lane_rows), runs,
+            for result in lanes.in_order(chunks.plan(segs, c), runs,
                                          ahead=len(self.lanes) * (self.inflight + 1)):
                 yield from answers(*result)
             return
