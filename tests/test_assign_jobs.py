@@ -1,5 +1,6 @@
 """Large-scale assignment jobs: Parquet rows equal the arrays they came from, CSV still works,
 parts, independent workers, a two-process JAX job, and a worker killed mid-part."""
+import json
 import os
 import signal
 import socket
@@ -332,6 +333,28 @@ def test_a_worker_searching_another_way_is_refused_unless_mixing_is_allowed(smal
                for f in os.listdir(os.path.join(out, "_meta")) if ".k5x5" in f]
     assert len(records) == 9 and {r["backend"] for r in records} == {"cpu"}
     assert all(r["device_count"] >= 1 and r["device_kind"] for r in records)
+
+
+def test_lanes_on_two_cpu_devices_write_the_rows_of_one_device(small_run, tmp_path):
+    """Two CPU devices search on their own lanes (search.lanes: whole chunks each, taken when
+    free, so the order in which chunks finish varies): the rows are those of one device."""
+    from dwjax.perf import assign_jobs
+    from tests.conftest import run_module
+
+    run, d, _ = small_run
+    args = ("--config.job.chunk_size=64", "--config.job.part_size=128")
+    one = _fresh(run, tmp_path / "one")
+    assign.run(stage_config("assign", job__chunk_size=64, job__part_size=128), one, d, **QUIET)
+    two = _fresh(run, tmp_path / "two")
+    p = run_module("dwjax.assign", f"--workdir={two}", f"--data_dir={d}", *args,
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                        "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    meta = os.path.join(two, "assignments", "_meta")
+    records = [json.load(open(os.path.join(meta, f)))["search"]
+               for f in os.listdir(meta) if ".k5x5" in f]
+    assert len(records) == 9 and {r["device_count"] for r in records} == {2}
+    assert assign_jobs.rows_digest(two) == assign_jobs.rows_digest(one)
 
 
 def test_rows_are_byte_equal_with_and_without_the_host_threads(small_run, tmp_path):
