@@ -76,9 +76,7 @@ class TrivialSearcher(nearest.Searcher):
     from the calling thread, not the CPU's per-device lanes (search.lanes), whose threads would
     here only contend for Python's lock with the row building they are meant to overlap."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lanes = None
+    use_lanes = False
 
     def _program(self, mesh):
         return _compiled(mesh, self.m)

@@ -229,6 +229,8 @@ class Searcher:
     `readers` threads read the next chunks ahead (0: in the calling thread).
     """
 
+    use_lanes = True  # the per-device lanes where they apply (a subclass may stream sharded)
+
     def __init__(self, recon, kernel_size: int, mesh: Mesh | None = None, *,
                  method: str = "auto", tile_m: int | None = None,
                  chunk_size: int = DEFAULT_CHUNK, inflight: int = 2, fixed_shape: bool = False,
@@ -274,7 +276,7 @@ class Searcher:
         self.fn = self._program(mesh)
         # CPU, several devices of this process: each runs whole chunks on its own (search.lanes)
         self.lanes = [self._lane(d) for d in mesh.devices.flat] if (
-            backend == "cpu" and mesh.size > 1
+            self.use_lanes and backend == "cpu" and mesh.size > 1
             and all(d.process_index == jax.process_index() for d in mesh.devices.flat)) else None
 
     def _program(self, mesh: Mesh):
