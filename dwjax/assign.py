@@ -85,6 +85,12 @@ class AutoencoderClassifier:
         self.unclustered = self.label_names.index(UNCLUSTERED)
         self.dead = self.label_names.index(DEAD)
         self.threshold = threshold
+        # per code, one slot past the last for a dead kernel (index -1): its code value, and its
+        # label when unclustered (first M + 1) or clustered (next M + 1)
+        dead_slot = [self.dead]
+        self._code_of = np.append(self.codes, np.nan)
+        self._label_of = np.concatenate([np.full(len(self.codes), self.unclustered), dead_slot,
+                                         self.code_label, dead_slot]).astype(np.int32)
         # This process's devices: each process of a multi-host job searches its own parts. One
         # compiled shape for every call, so no answer depends on how the job was cut into parts.
         self.search = nearest.Searcher(self.recon, k, mesh_lib.local_mesh(), chunk_size=chunk_size,
@@ -109,14 +115,12 @@ class AutoencoderClassifier:
         search the next calls (packed across spans) while the caller writes
         (nearest.Searcher.stream_segments)."""
         for i, chunk in self.search.stream_segments(spans):
-            idx, dis = chunk.idx, chunk.dis
+            idx, dis = chunk.idx, chunk.dis  # idx -1: dead
             live = idx >= 0
-            safe = np.maximum(idx, 0)
             clustered = live & (dis < self.threshold)
-            label = np.where(clustered, self.code_label[safe], self.unclustered)
-            label[~live] = self.dead
-            yield i, Rows(np.where(live, self.codes[safe], np.nan), np.where(live, dis, np.nan),
-                          clustered, label.astype(np.int32), chunk.raw_sum, chunk.raw_norm)
+            label = self._label_of.take(np.where(clustered, idx + len(self._code_of), idx))
+            yield i, Rows(self._code_of.take(idx), np.where(live, dis, np.float32(np.nan)),
+                          clustered, label, chunk.raw_sum, chunk.raw_norm)
 
     def __call__(self, kernels) -> Rows:
         """`[n, k, k]` → its `Rows`."""

@@ -78,6 +78,12 @@ def test_parquet_rows_equal_the_arrays_and_csv_agrees(small_run, tmp_path):
             dictionary = {group.column(i).path_in_schema for i in range(group.num_columns)
                           if "RLE_DICTIONARY" in group.column(i).encodings}
             assert {"source", "layer_name", "label", "code"} <= dictionary
+            # zstd on the label only; the integer ids delta-encoded instead
+            columns = {group.column(i).path_in_schema: group.column(i)
+                       for i in range(group.num_columns)}
+            assert {n for n, c in columns.items() if c.compression != "UNCOMPRESSED"} == {"label"}
+            assert all("DELTA_BINARY_PACKED" in columns[n].encodings
+                       for n in ("layer", "channel", "kernel_size"))
             assert not dictionary & {"dissimilarity", "total_activation", "norm", "channel"}
     # the arrays they were written from: classifier outputs and raw statistics
     clf = assign.AutoencoderClassifier(assign.workdir_lib.RunDir(w), 10_000, 0.2, 1 << 15)

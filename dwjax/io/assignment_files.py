@@ -180,7 +180,9 @@ class PartWriter:
 
             if self._parquet is None:
                 self._parquet = self._files.enter_context(pq.ParquetWriter(
-                    self._tmp, assignment_rows.ROW_SCHEMA, compression="zstd",
+                    self._tmp, assignment_rows.ROW_SCHEMA,
+                    compression=assignment_rows.COMPRESSION,
+                    column_encoding=assignment_rows.ENCODINGS,
                     use_dictionary=assignment_rows.DICTIONARY_COLUMNS,
                     write_statistics=assignment_rows.STATISTICS_COLUMNS))
             self._parquet.write_table(pa.concat_tables(
