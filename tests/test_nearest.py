@@ -360,6 +360,33 @@ def test_chunks_run_over_spans_and_rows_do_not_depend_on_the_packing(tmp_path):
     assert [sum(p.stop - p.start for p in c) for c in plan] == [1024] * 4 + [sum(want) - 4096]
 
 
+def test_a_job_smaller_than_a_chunk_per_lane_is_cut_so_every_lane_gets_one():
+    """Lanes run whole calls: a job under one chunk per lane is cut into one call per lane, and
+    gives the rows of one call; with a fixed shape it stays one whole chunk. Two lanes share
+    this process's device here; which lane takes which call does not matter."""
+    kern, recon = _case("k5", 5, 300, 1000)
+    kern = kern[:100]
+    for fixed, shapes in ((False, [64, 64]), (True, [1024])):
+        search = nearest.Searcher(recon, 5, chunk_size=1024, fixed_shape=fixed)
+        calls = []
+
+        def counted(lane):
+            mesh, fn, *constants = lane
+
+            def call(x, *args):
+                calls.append(x.shape[0])
+                return fn(x, *args)
+            return (mesh, call, *constants)
+
+        device = jax.devices()[0]
+        search.lanes = [counted(search._lane(device)) for _ in range(2)]
+        idx, dis = search(kern)
+        assert sorted(calls) == shapes
+        ri, rd = nearest_codes_reference(kern, recon)
+        np.testing.assert_array_equal(idx, ri)
+        np.testing.assert_allclose(dis, rd, atol=1e-5, rtol=0)
+
+
 @cpu_only
 def test_auto_takes_brute_force_where_the_bound_would_keep_every_tile():
     """A degenerate decoder (every code decodes to nearly one kernel) has a tiny cap radius yet

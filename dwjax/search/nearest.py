@@ -321,7 +321,10 @@ class Searcher:
         n = sum(s.stop - s.start for s in segs)
         if n == 0:
             return
-        c = _chunk_rows(self.chunk_size if self.fixed_shape else n, self.chunk_size,
+        # A job smaller than a chunk per lane is cut so every lane gets one (a fixed shape stays
+        # whole: its rows must not depend on the job's size).
+        per_call = n if self.lanes is None else -(-n // len(self.lanes))
+        c = _chunk_rows(self.chunk_size if self.fixed_shape else per_call, self.chunk_size,
                         self.mesh.size)
 
         def answers(pieces, host, out) -> Iterator[tuple[int, Chunk]]:
