@@ -13,7 +13,7 @@ from dwjax.configs import train as train_configs
 from dwjax.io import shards
 from dwjax.io import workdir as workdir_lib
 from dwjax.perf import (assign_jobs, assign_speed, convert_speed, host_ceiling, machine, results,
-                        search_work, train_speed)
+                        search_speed, search_work, train_speed)
 from dwjax.search import device_programs, nearest
 from tests.conftest import run_module
 from tests.reference import curve_kernels, template_curve
@@ -177,10 +177,10 @@ def test_bad_sizes_are_one_line_before_any_run(tmp_path):
 def test_a_ratio_between_two_methods_needs_the_same_rows():
     idx = np.arange(6, dtype=np.int32)
     dis = np.linspace(0, 1, 6, dtype=np.float32)
-    assert assign_speed.same_rows((idx, dis), (idx.copy(), dis.copy())) == 0
+    assert search_speed.same_rows((idx, dis), (idx.copy(), dis.copy())) == 0
     other = dis.copy()
     other[2] = np.nextafter(other[2], np.float32(2))  # one ulp is a different row
-    assert assign_speed.same_rows((idx, dis), (idx, other)) == 1
+    assert search_speed.same_rows((idx, dis), (idx, other)) == 1
     notes = []
     row = assign_speed.compared_row("pruned vs brute", 2.0, 1.0, "kernels/s", ">= 2x", 3, notes,
                                     10)
@@ -220,23 +220,23 @@ def test_kernel_sets_stream_into_one_npz_that_convert_reads(tmp_path):
 def test_distinct_keeps_first_appearances_in_order():
     a = np.arange(4 * 9, dtype=np.float32).reshape(4, 3, 3)
     rep = np.concatenate([a[2:3], a, a[::-1], a[1:2]])
-    assert np.array_equal(assign_speed.distinct(rep), a[[2, 0, 1, 3]])
+    assert np.array_equal(search_speed.distinct(rep), a[[2, 0, 1, 3]])
 
 
 def test_naive_numpy_is_chunked_and_agrees_with_the_search():
     recon = template_curve(7, 2000, seed=1)
     kernels = curve_kernels(recon, 3000, seed=2)
-    whole = assign_speed.naive_assign(kernels, recon, chunk=len(kernels))
-    chunked = assign_speed.naive_assign(kernels, recon, chunk=256)
+    whole = search_speed.naive_assign(kernels, recon, chunk=len(kernels))
+    chunked = search_speed.naive_assign(kernels, recon, chunk=256)
     assert np.array_equal(whole[0], chunked[0])
     assert np.allclose(whole[1], chunked[1], atol=1e-6)
     ours, dis = nearest.nearest_codes(kernels, recon)
     assert np.allclose(dis, chunked[1], atol=1e-5)
-    found = assign_speed.disagreements(kernels, recon, ours, chunked[0])
+    found = search_speed.disagreements(kernels, recon, ours, chunked[0])
     assert found["beyond_ties"] == 0
     wrong = ours.copy()
     wrong[:5] = (wrong[:5] + 1000) % len(recon)
-    assert assign_speed.disagreements(kernels, recon, ours, wrong)["beyond_ties"] == 5
+    assert search_speed.disagreements(kernels, recon, ours, wrong)["beyond_ties"] == 5
 
 
 def test_count_windows_follows_the_window_loop():
@@ -276,7 +276,7 @@ def test_pruned_flops_count_what_the_search_visits():
     # the count was a traced copy: the real program still searches, and as brute force does
     pruned = nearest.nearest_codes(near, curve, method="pruned")
     brute = nearest.nearest_codes(near, curve, method="brute")
-    assert assign_speed.same_rows(pruned, brute) == 0 and pruned[0].min() >= 0
+    assert search_speed.same_rows(pruned, brute) == 0 and pruned[0].min() >= 0
 
 
 @pytest.fixture(scope="module")
