@@ -14,8 +14,9 @@ shard), in a temporary directory (`tmp`, default the system's).
             the command picks (`--config.search=auto` with the same evidence: a spread sample of
             the kernels). Brute force and pruned must return the same rows (index and
             dissimilarity of every kernel) or no ratio between them is given. The headline's
-            three times (the command at N, at n, the search alone) are taken interleaved, best
-            of three each, so a drift in the shared machine's speed falls on all of them
+            three times (the command at N, at n, the search alone) are taken interleaved, five
+            of each, and their medians compared, so a drift in the shared machine's speed falls
+            on all of them and no single lucky run decides the ratio
   peak      numpy's fp32 4096³ GEMM in a subprocess with OPENBLAS_CORETYPE/L2_SIZE unset. The
             command's brute-force-equivalent rate is 2·N·48·10⁴ / time (the flops brute force
             would do); beside it the GEMM flops the pruned search really does
@@ -69,11 +70,12 @@ def _best(runs: list[dict]) -> dict:
 
 
 def command_vs_search(workdir: str, big: str, small: str, env: dict, kernels, recon,
-                      method: str, reps: int = 3) -> dict:
+                      method: str, reps: int = 5) -> dict:
     """The headline's three measurements, interleaved `reps` times (the command on the `big`
     set, on the `small` set, then `nearest_codes` alone with `method` on `kernels`, the big
-    set's), so that a drift of the shared machine's speed falls on all three alike: each one's
-    best (`best_command`'s dict for the commands; kernels/s for the search) and every time."""
+    set's), so that a drift of the shared machine's speed falls on all three alike. Each one's
+    median time (`wall`/`wall_small`/`search_s`; the median, not the best: one lucky run of one
+    side would decide a best-of ratio), every time, and the commands' largest peak RSS."""
     from dwjax.search import nearest
 
     nearest.nearest_codes(kernels[:nearest.DEFAULT_CHUNK], recon, method=method)  # compile
@@ -84,8 +86,13 @@ def command_vs_search(workdir: str, big: str, small: str, env: dict, kernels, re
         t = time.perf_counter()
         nearest.nearest_codes(kernels, recon, method=method)
         search_s.append(time.perf_counter() - t)
-    return {"command": _best(big_runs), "small": _best(small_runs),
-            "search": len(kernels) / min(search_s), "search_s": search_s}
+    walls = {"command": [r["wall"] for r in big_runs],
+             "command_small": [r["wall"] for r in small_runs], "search": search_s}
+    return {"wall": float(np.median(walls["command"])),
+            "wall_small": float(np.median(walls["command_small"])),
+            "search_s": float(np.median(search_s)), "times": walls,
+            "rss_mib": max(r["rss_mib"] for r in big_runs),
+            "rss_mib_small": max(r["rss_mib"] for r in small_runs)}
 
 
 # --------------------------------------------------------- host ceiling, degenerate curve, k-means
@@ -190,6 +197,10 @@ def disk_bytes(n: int, small_n: int, n_kmeans: int = 0, small_kmeans: int = 0) -
 
 # ------------------------------------------------------------------------------------- the table
 
+def _seconds(values) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def count(n: int) -> str:
     """A kernel count as a short label: 10M, 250k, 23,854."""
     for unit, name in ((1_000_000, "M"), (1_000, "k")):
@@ -237,7 +248,7 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
         peak = machine.gemm_peak_gflops()
         headline = command_vs_search(workdir, big, small, env, shard.kernels, recon,
                                      search["auto_method"])
-        cmd, cmd_small, alone = headline["command"], headline["small"], headline["search"]
+        alone = n / headline["search_s"]
         del shard
         bare = assign_jobs.bare_jax_start(env)
         step("the host ceiling")
@@ -266,7 +277,7 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
-    wall, wall_small = cmd["wall"], cmd_small["wall"]
+    wall, wall_small = headline["wall"], headline["wall_small"]
     e2e = n / wall
     bf_gflops = search_work.brute_equivalent_flops(n, D, M) / wall / 1e9
     work = search["pruned_work"]
@@ -279,6 +290,13 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
         "GFLOP/s")
     notes.append(f"search alone: {search['auto_method']}, as the command picks it "
                  f"({search['auto_choice'] or 'no log line'})")
+    times = headline["times"]
+    best_ratio = min(times["search"]) / min(times["command"])
+    notes.append(f"headline: medians of {len(times['search'])} interleaved runs each (seconds: "
+                 f"command at {count(n)} {_seconds(times['command'])}, at {count(small_n)} "
+                 f"{_seconds(times['command_small'])}, search alone "
+                 f"{_seconds(times['search'])}); best of each instead: command "
+                 f"{best_ratio:.0%} of the search alone")
     notes.append("brute-force-equiv.: 2·N·48·10,000 flops (every kernel times every code) "
                  "over the command's time; flops done: the GEMMs the pruned search runs "
                  f"(bounds, caps, {work['windows']:,} windows of {work['window_rows']} codes: "
@@ -318,8 +336,9 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
                                 "skipped"))
         notes.append("5x5: skipped (" + ("--assign_5x5_n=0" if not n_5x5 else
                                          "embedded default not installed") + ")")
-    rows.append(machine.row(f"command peak RSS, N={count(n)} vs {count(small_n)}", cmd["rss_mib"],
-                            cmd_small["rss_mib"], "MiB", cmd["rss_mib"] / cmd_small["rss_mib"],
+    rss, rss_small = headline["rss_mib"], headline["rss_mib_small"]
+    rows.append(machine.row(f"command peak RSS, N={count(n)} vs {count(small_n)}", rss,
+                            rss_small, "MiB", rss / rss_small,
                             "<= 1.15x"))
     for threads, name in ((1, "1 thread"), (0, "all cores")):
         h = host[threads]["rows_per_s"]
@@ -363,12 +382,10 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
                "gemm_peak_gflops": peak, "pruned_gemm_gflops": pruned_gflops,
                "pruned_work": work,
                "search_kernels_per_s": {k: search[k] for k in ("auto", "brute", "pruned")},
-               "search_alone_kernels_per_s": alone, "interleaved_s": {
-                   "command": cmd["walls"], "command_small": cmd_small["walls"],
-                   "search": headline["search_s"]},
+               "search_alone_kernels_per_s": alone, "interleaved_s": headline["times"],
                "search_method": search["auto_method"], "search_choice": search["auto_choice"],
                "methods_differ": search["differ"], "naive": naive,
-               "rss_mib": {str(n): cmd["rss_mib"], str(small_n): cmd_small["rss_mib"]},
+               "rss_mib": {str(n): rss, str(small_n): rss_small},
                "pruned_5x5": five,
                "host_ceiling": {str(k): v for k, v in host.items()},
                "degenerate": degenerate, "kmeans": km, "packing": packed}
