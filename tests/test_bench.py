@@ -191,6 +191,20 @@ def test_a_ratio_between_two_methods_needs_the_same_rows():
     assert row["ratio"] == 2.0 and len(notes) == 1
 
 
+def test_interleaved_rounds_give_each_rounds_own_ratio():
+    """Two methods timed in turn: rates at the median times, the ratio the median of each
+    round's own (a round where the machine ran slow counts once, on both sides)."""
+    calls = []
+    times, last = search_speed.interleaved(
+        {"brute": lambda: calls.append("b") or "B", "pruned": lambda: calls.append("p") or "P"},
+        3)
+    assert calls == ["b", "p"] * 3 and last == {"brute": "B", "pruned": "P"}
+    assert [len(t) for t in times.values()] == [3, 3]
+    rates = search_speed.method_rates({"brute": [2.0, 8.0, 3.0], "pruned": [1.0, 4.0, 3.0]}, 6)
+    assert rates["brute"] == 2.0 and rates["pruned"] == 2.0  # 6 / median time
+    assert rates["pruned_over_brute"] == 2.0  # rounds: 2, 2, 1
+
+
 def test_notes_wrap_under_the_table_within_100_columns():
     result = _result()
     result["benchmarks"][2]["notes"] = ["brute-force-equiv.: 2·N·48·10,000 flops " * 6]

@@ -10,9 +10,10 @@ shard), in a temporary directory (`tmp`, default the system's).
             t_N − N/that rate, set against a bare `python -c "import jax"` (what any command
             using jax pays before its first line)
   search    `nearest.nearest_codes` in this process on the same memmapped kernels and codes,
-            compiled, brute force and pruned (`perf.search_speed`); "search alone" is the method
-            the command picks (`--config.search=auto` with the same evidence: a spread sample of
-            the kernels). Brute force and pruned must return the same rows (index and
+            compiled, brute force and pruned in turn, three rounds (`perf.search_speed`; rates
+            at the median times, their ratio the median of the rounds'); "search alone" is the
+            method the command picks (`--config.search=auto` with the same evidence: a spread
+            sample of the kernels). Brute force and pruned must return the same rows (index and
             dissimilarity of every kernel) or no ratio between them is given. The headline's
             three times (the command at N, at n, the search alone) are taken in five
             interleaved rounds; each round's command is set against the search run beside it
@@ -206,13 +207,15 @@ def count(n: int) -> str:
 
 
 def compared_row(what: str, ours: float, reference: float, unit: str, target: str,
-                 differ: int, notes: list[str], n: int) -> dict:
-    """A ratio between two methods, given only when they returned the same rows (`differ` == 0);
-    otherwise the row says "refused" and a note says how many rows differed."""
+                 differ: int, notes: list[str], n: int, ratio: float | None = None) -> dict:
+    """A ratio between two methods (`ratio`, else ours / reference), given only when they
+    returned the same rows (`differ` == 0); otherwise the row says "refused" and a note says how
+    many rows differed."""
     if differ:
         notes.append(f"{what}: rows differ in {differ:,} of {n:,} kernels: no ratio given")
         return machine.row(what, ours, reference, unit, None, "refused")
-    return machine.row(what, ours, reference, unit, ours / reference, target)
+    return machine.row(what, ours, reference, unit,
+                       ours / reference if ratio is None else ratio, target)
 
 
 def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
@@ -316,11 +319,12 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
                  f"similarity block); codes differ from the search's on {naive['differ']:,} "
                  f"kernels, {naive['beyond_ties']:,} beyond float32 near-ties")
     rows.append(compared_row("pruned vs brute-force search, 7x7", search["pruned"],
-                             search["brute"], "kernels/s", ">= 2x", search["differ"], notes, n))
+                             search["brute"], "kernels/s", ">= 2x", search["differ"], notes, n,
+                             search["pruned_over_brute"]))
     if five:
         rows.append(compared_row("pruned vs brute, 5x5 real distinct",
                                  five["pruned"], five["brute"], "kernels/s", ">= 2x",
-                                 five["differ"], notes, five["n"]))
+                                 five["differ"], notes, five["n"], five["pruned_over_brute"]))
         notes.append(f"5x5: {five['n']:,} distinct real kernels of the embedded default, "
                      "none repeated" + ("" if five["n"] == five["asked"] else
                                         f" ({five['asked']:,} asked; it has "

@@ -6,7 +6,7 @@ host could feed an accelerator whose search took no time.
 
 The trivial answer is read from each kernel's own weights (its code index from the bits of one
 weight, its dissimilarity, sum and norm from others), not searched: elementwise work on the
-devices, and columns that vary like real ones, so that Parquet's encoders and zstd do the work
+devices, and columns that vary like real ones, so that Parquet's encoders and codec do the work
 they do on real rows (constant columns would compress to nothing and flatter the writer).
 
 `install()` swaps `nearest.Searcher` for `TrivialSearcher` in the running process; nothing a user

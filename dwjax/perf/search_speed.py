@@ -4,7 +4,9 @@ pruned search on the embedded default's distinct 5×5 kernels, and how two answe
 """
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import numpy as np
 
@@ -33,10 +35,33 @@ def even_sample(kernels, n: int = 2048) -> np.ndarray:
     return np.asarray(kernels[idx], np.float32)
 
 
-def search_rates(recon: np.ndarray, kernels, reps: int = 2) -> dict:
-    """Kernels/s of `nearest_codes` brute force and pruned on `kernels` (compiled), the method
-    `auto` picks with a sample's evidence (and its log line), how many rows the two methods
-    disagree on, and the GEMM flops the pruned search does."""
+def interleaved(runs: dict, rounds: int) -> tuple[dict, dict]:
+    """Each of `runs` (`{name: fn}`) called once per round, in turn, `rounds` rounds (a drift of
+    the shared machine's speed falls on every one of a round alike): `({name: [seconds]},
+    {name: the last call's result})`."""
+    times: dict = {name: [] for name in runs}
+    last: dict = {}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return times, last
+
+
+def method_rates(times: dict, n: int) -> dict:
+    """From `interleaved` times of "brute" and "pruned" on n kernels: each one's kernels/s at
+    its median time, and `pruned_over_brute`, the median of each round's own ratio."""
+    return {"brute": n / float(np.median(times["brute"])),
+            "pruned": n / float(np.median(times["pruned"])),
+            "pruned_over_brute": float(np.median(np.divide(times["brute"], times["pruned"]))),
+            "seconds": times}
+
+
+def search_rates(recon: np.ndarray, kernels, rounds: int = 3) -> dict:
+    """Kernels/s of `nearest_codes` brute force and pruned on `kernels` (compiled, `interleaved`
+    rounds), the method `auto` picks with a sample's evidence (and its log line), how many rows
+    the two methods disagree on, and the GEMM flops the pruned search does."""
     from dwjax.search import nearest
 
     n = len(kernels)
@@ -44,12 +69,12 @@ def search_rates(recon: np.ndarray, kernels, reps: int = 2) -> dict:
     chooser = nearest.Searcher(recon, K, method="auto", sample=even_sample(kernels),
                                log=lines.append)
     out: dict = {"auto_method": chooser.method, "auto_choice": " ".join(lines)}
-    answers = {}
     for method in ("brute", "pruned"):
         nearest.nearest_codes(kernels[:nearest.DEFAULT_CHUNK], recon, method=method)  # compile
-        t, answers[method] = assign_jobs.best_of(
-            lambda: nearest.nearest_codes(kernels, recon, method=method), reps)
-        out[method] = n / t
+    times, answers = interleaved(
+        {m: functools.partial(nearest.nearest_codes, kernels, recon, method=m)
+         for m in ("brute", "pruned")}, rounds)
+    out.update(method_rates(times, n))
     out["auto"] = out[out["auto_method"]]
     out["differ"] = same_rows(answers["brute"], answers["pruned"])
     out["pruned_work"] = search_work.pruned_gemm_flops(kernels, recon)
@@ -124,7 +149,8 @@ def distinct(kernels: np.ndarray) -> np.ndarray:
     return kernels[np.sort(first)]
 
 
-def pruned_vs_brute_5x5(tmp: str, env: dict, epochs: int, n: int, reps: int = 5) -> dict | None:
+def pruned_vs_brute_5x5(tmp: str, env: dict, epochs: int, n: int,
+                        rounds: int = 7) -> dict | None:
     """Kernels/s of both methods with a trained 5×5 decoder on up to `n` distinct real kernels
     of the embedded default, rows compared; None without its weights."""
     from dwjax.errors import UserError
@@ -146,13 +172,13 @@ def pruned_vs_brute_5x5(tmp: str, env: dict, epochs: int, n: int, reps: int = 5)
     real = np.concatenate([np.asarray(s.kernels) for s in shards.iter_shards(data, 5)])
     unique = distinct(real)
     kernels = unique[:n]
-    out, answers = {"asked": n, "real_kernels": len(real), "distinct": len(unique),
-                    "n": len(kernels)}, {}
-    for method in ("brute", "pruned"):
-        search = nearest.Searcher(recon, 5, method=method)
+    out = {"asked": n, "real_kernels": len(real), "distinct": len(unique), "n": len(kernels)}
+    searches = {m: nearest.Searcher(recon, 5, method=m) for m in ("brute", "pruned")}
+    for search in searches.values():
         search(kernels)  # compile
-        t, answers[method] = assign_jobs.best_of(lambda: search(kernels), reps)
-        out[method] = len(kernels) / t
+    times, answers = interleaved({m: functools.partial(search, kernels)
+                                  for m, search in searches.items()}, rounds)
+    out.update(method_rates(times, len(kernels)))
     out["differ"] = same_rows(answers["brute"], answers["pruned"])
     return out
 
