@@ -45,6 +45,7 @@ shard), in a temporary directory (`tmp`, default the system's).
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -56,29 +57,29 @@ import numpy as np
 from dwjax.io import shards
 from dwjax.perf import assign_jobs, host_ceiling, machine, search_speed, search_work
 from dwjax.perf.assign_jobs import K
+from dwjax.perf.search_speed import D, M
 
-D, M = 48, 10_000
 
 
-def command_vs_search(workdir: str, big: str, small: str, env: dict, kernels, recon,
-                      method: str, reps: int = 5) -> dict:
-    """The headline's three measurements, interleaved `reps` times: the command on the `big`
-    set, on the `small` set, then `nearest_codes` alone with `method` on `kernels` (the big
-    set's). Each round gives its own ratios (command vs the search run beside it, end to end
-    and per extra kernel), so a drift of the shared machine's speed falls on both sides of
-    each; the medians of those ratios, the median times, every time, and the commands' largest
-    peak RSS."""
+def command_vs_search(workdir: str, big: str, small: str, small_n: int, env: dict, kernels,
+                      recon, method: str, reps: int = 5) -> dict:
+    """The headline's three measurements in `reps` interleaved rounds
+    (`search_speed.interleaved`): the command on the `big` set, on the `small` set (`small_n`
+    kernels), then `nearest_codes` alone with `method` on `kernels` (the big set's). Each round
+    gives its own ratios (command vs the search run beside it, end to end and per extra kernel),
+    so a drift of the shared machine's speed falls on both sides of each; the medians of those
+    ratios, the median times, every time, and the commands' largest peak RSS."""
     from dwjax.search import nearest
 
     nearest.nearest_codes(kernels[:nearest.DEFAULT_CHUNK], recon, method=method)  # compile
-    big_runs, small_runs, search_s = [], [], []
-    for _ in range(reps):
-        big_runs.append(assign_jobs.run_command(workdir, big, env))
-        small_runs.append(assign_jobs.run_command(workdir, small, env))
-        t = time.perf_counter()
-        nearest.nearest_codes(kernels, recon, method=method)
-        search_s.append(time.perf_counter() - t)
-    big_n, small_n = len(kernels), sum(len(s.kernels) for s in shards.iter_shards(small, K))
+    big_runs: list[dict] = []
+    small_runs: list[dict] = []
+    times, _ = search_speed.interleaved({
+        "command": lambda: big_runs.append(assign_jobs.run_command(workdir, big, env)),
+        "command_small": lambda: small_runs.append(assign_jobs.run_command(workdir, small, env)),
+        "search": functools.partial(nearest.nearest_codes, kernels, recon, method=method)}, reps)
+    big_n, search_s = len(kernels), times["search"]
+    # the commands' own walls (run_command times the subprocess alone, not the clean-up before)
     walls = {"command": [r["wall"] for r in big_runs],
              "command_small": [r["wall"] for r in small_runs], "search": search_s}
     e2e = [s / w for s, w in zip(search_s, walls["command"])]
@@ -245,7 +246,7 @@ def run(n: int = 1_000_000, small_n: int = 250_000, naive_n: int = 100_000,
         step("the command and the search alone, interleaved")
         assign_jobs.run_command(workdir, small, env)  # warm-up: compilation and page caches
         peak = machine.gemm_peak_gflops()
-        headline = command_vs_search(workdir, big, small, env, shard.kernels, recon,
+        headline = command_vs_search(workdir, big, small, small_n, env, shard.kernels, recon,
                                      search["auto_method"])
         alone = n / headline["search_s"]
         del shard
