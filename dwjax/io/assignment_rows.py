@@ -36,10 +36,11 @@ DICTIONARY_COLUMNS = [f.name for f in ROW_SCHEMA if pa.types.is_dictionary(f.typ
 # every label in every row group (a filter on it skips nothing); each costs write time.
 STATISTICS_COLUMNS = [f.name for f in ROW_SCHEMA
                       if not pa.types.is_floating(f.type) and f.name != "label"]
-# Compression only where it pays: zstd takes 5-9 % off the measured floats and the code's
-# dictionary indices (near-random bits) and nothing off the one-value and run-length text columns,
-# for a fifth of the write time; it halves the label's indices. The integer ids are delta-encoded
-# instead (a layer's channels count up by one), which makes them nearly free without a codec.
+# Compression only where it pays (figures: BUILD_NOTES.md, "Assignment rows"): zstd saves little
+# on the measured floats and the code's dictionary indices (near-random bits) and nothing on the
+# one-value and run-length text columns, at a large share of the write time; it halves the
+# label's indices. The integer ids are delta-encoded instead (a layer's channels count up by one),
+# which makes them nearly free without a codec.
 COMPRESSION = {name: ("zstd" if name == "label" else "none") for name in COLUMNS}
 ENCODINGS = {name: "DELTA_BINARY_PACKED" for name in ("layer", "channel", "kernel_size")}
 
