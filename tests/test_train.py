@@ -138,6 +138,43 @@ def test_an_epoch_is_cut_into_as_few_and_as_even_calls_as_fit():
         assert len(sizes) == -(-n // s)
 
 
+def test_the_cpu_step_program_has_its_own_options_and_makes_the_same_updates(monkeypatch):
+    """On a CPU the train step compiles with CPU_STEP_OPTIONS (no YNNPACK fusion left in it) and
+    takes the steps of the same program compiled with XLA's defaults, to fp32 rounding; GPU and
+    TPU programs keep XLA's defaults."""
+    from dwjax.model import autoencoder
+    from dwjax.model import mesh as mesh_lib
+
+    cfg = small_config()
+    mesh = mesh_lib.data_mesh()
+    graphdef, params = autoencoder.init_params(5, cfg.model.hidden, cfg.model.negative_slope, 0)
+    tx = steps.make_optimizer(cfg, 10)
+    kernels = np.random.default_rng(0).normal(size=(6, 64, 5, 5)).astype(np.float32)
+    batches = jax.device_put(kernels, mesh_lib.steps_sharded(mesh))
+
+    def train_six(make):
+        fresh = jax.tree.map(np.array, params)  # the steps donate their inputs
+        f = make(graphdef, tx, mesh)
+        text = f.lower(fresh, jax.jit(tx.init)(fresh), batches).compile().as_text()
+        p, _, losses = f(fresh, jax.jit(tx.init)(fresh), batches)
+        return text, np.asarray(losses), np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
+
+    assert steps.step_compiler_options(mesh) == steps.CPU_STEP_OPTIONS
+    ours_text, ours, ours_params = train_six(steps.make_train_steps)
+    monkeypatch.setattr(steps, "step_compiler_options", lambda mesh: None)
+    plain_text, plain, plain_params = train_six(steps.make_train_steps)
+    assert "__ynn_fusion" not in ours_text and ours_text != plain_text
+    np.testing.assert_allclose(ours, plain, rtol=1e-5)
+    np.testing.assert_allclose(ours_params, plain_params, rtol=1e-4, atol=1e-6)
+    assert ours[-1] < ours[0]
+
+    class Device:
+        platform = "tpu"
+
+    tpu_mesh = type("Mesh", (), {"devices": np.array([Device()])})()
+    assert steps.step_compiler_options(tpu_mesh) is None
+
+
 def test_mismatched_and_corrupt_checkpoints_are_refused(proto_dir, tmp_path):
     d = proto_dir[0]
     wd = str(tmp_path / "w")

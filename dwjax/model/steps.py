@@ -29,6 +29,13 @@ from dwjax.model import (
     preprocess,
 )
 
+# XLA:CPU options of the training step's program, and of no other: YNNPACK fusions off (this
+# network's batch-256 GEMMs run faster as XLA's own dots, while the nearest-code search's larger
+# ones run faster in YNNPACK) and copy insertion's region analysis (drops the scan's per-step
+# copies of the carry). The same math at full float32 (BUILD_NOTES, "Training speed").
+CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
+                    "xla_cpu_copy_insertion_use_region_analysis": True}
+
 _POSITIVE_INTS = ("batch_size", "num_epochs", "steps_per_call", "checkpoint_every_epochs",
                   "max_to_keep", "eval_batch_size")
 
@@ -120,7 +127,12 @@ def make_train_steps(graphdef, tx, mesh):
         return params, opt_state, losses
 
     return jax.jit(run, in_shardings=(rep, rep, steps), out_shardings=(rep, rep, rep),
-                   donate_argnums=(0, 1))
+                   donate_argnums=(0, 1), compiler_options=step_compiler_options(mesh))
+
+
+def step_compiler_options(mesh) -> dict | None:
+    """CPU_STEP_OPTIONS on a CPU mesh; None (XLA's defaults) on GPU and TPU."""
+    return dict(CPU_STEP_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
 
 
 def call_sizes(steps_per_epoch: int, steps_per_call: int) -> list[int]:
