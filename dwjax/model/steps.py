@@ -32,7 +32,8 @@ from dwjax.model import (
 # XLA:CPU options of the training step's program, and of no other: YNNPACK fusions off (this
 # network's batch-256 GEMMs run faster as XLA's own dots, while the nearest-code search's larger
 # ones run faster in YNNPACK) and copy insertion's region analysis (drops the scan's per-step
-# copies of the carry). The same math at full float32 (BUILD_NOTES, "Training speed").
+# copies of the carry). The same math at full float32 (BUILD_NOTES, "Autoencoder": "The step's
+# own XLA:CPU options").
 CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
                     "xla_cpu_copy_insertion_use_region_analysis": True}
 
