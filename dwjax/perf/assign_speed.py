@@ -60,7 +60,6 @@ from dwjax.perf.assign_jobs import K
 from dwjax.perf.search_speed import D, M
 
 
-
 def command_vs_search(workdir: str, big: str, small: str, small_n: int, env: dict, kernels,
                       recon, method: str, reps: int = 5) -> dict:
     """The headline's three measurements in `reps` interleaved rounds
