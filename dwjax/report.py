@@ -8,6 +8,8 @@ and writes `<workdir>/report/` (each figure as PNG and PDF, each table as CSV):
   11, 19); `models.csv`: parameters, depthwise layers, kernels per size (Tables 1, 3, 4);
 - `activation.*`: total activation per class (Fig. 10); `pca.*`: PCA scatter (Fig. 4);
 - `kmeans_vs_ae.*`: the autoencoder's clustered share vs k-means under the same threshold;
+- `labels.*`: per labelled interval, whether its kernels earn its name; `own_fit.*`: class shares
+  by the run's names and by each kernel's own fit to the families, and their overlap;
 - `samples_<source>.*`: random kernels per class and unfiltered (Figs. 5, 6);
   `--layers=13,14,15`: `layer_samples_<source>.*` (Figs. 20, 21);
 - `--compare=a,b`: `compare_a_vs_b.*` (Figs. 18, 26); `--timeline=e5,e10,…`: `timeline.*` (Figs.
@@ -88,6 +90,7 @@ def _write(rundir: workdir_lib.RunDir, stats: list[dict], out: str, layers: list
              ("activation", sections.activation), ("PCA", sections.pca),
              ("k-means vs autoencoder", sections.kmeans_vs_autoencoder),
              ("labels", label_review.labels_section),
+             ("own fit", label_review.own_fit_section),
              ("samples", sections.class_samples),
              ("regular vs depthwise", sections.regular_vs_depthwise),
              ("centroids", source_sections.centroids),

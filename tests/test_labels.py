@@ -316,3 +316,27 @@ def test_check_names_verdicts():
     assert res[0]["sample_score"] is None
     with pytest.raises(ValueError):
         N.check_names(labels, means[:2], counts)
+
+
+def test_agreement_counts_each_class_on_both_sides():
+    classes = T.class_names(5)
+    run = ["On-Centre", "On-Centre", "Off-Centre", "Unclustered", "Unnamed pattern 2", "Others",
+           "On-Centre", "Off-Centre"]
+    own = ["On-Centre", "Off-Centre", "Off-Centre", "On-Centre", L.UNNAMED, "On-Square",
+           "On-Centre", "High-frequency"]
+    rows = {r["class"]: r for r in N.agreement(run, own, classes)}
+    assert list(rows) == ["On-Centre", "Off-Centre", "On-Square", "High-frequency", N.NOT_NAMED]
+    on, off = rows["On-Centre"], rows["Off-Centre"]
+    assert (on["autoencoder"], on["own_fit"], on["both"]) == (3 / 8, 3 / 8, 2 / 8)
+    assert on["precision"] == pytest.approx(2 / 3) and on["recall"] == pytest.approx(2 / 3)
+    assert (off["autoencoder"], off["own_fit"], off["both"]) == (2 / 8, 2 / 8, 1 / 8)
+    # a class only one side names: no precision where the run names none
+    assert rows["On-Square"]["precision"] is None and rows["On-Square"]["recall"] == 0.0
+    assert rows["High-frequency"]["autoencoder"] == 0.0
+    # unclustered, unnamed intervals and "Others" are one row with "no family" on the other side
+    nn = rows[N.NOT_NAMED]
+    assert (nn["autoencoder"], nn["own_fit"], nn["both"]) == (3 / 8, 1 / 8, 1 / 8)
+    assert sum(r["autoencoder"] for r in rows.values()) == pytest.approx(1.0)
+    assert sum(r["own_fit"] for r in rows.values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        N.agreement(run, own[:-1], classes)

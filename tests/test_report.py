@@ -129,7 +129,7 @@ def test_models_table_counts_parameters_and_kernels(reported):
 def test_every_figure_has_png_and_pdf_and_the_page_links_them(reported):
     _, out, _ = reported
     names = {os.path.basename(f)[:-4] for f in out["figures"]}
-    for stem in ("by_source", "activation", "pca", "kmeans_vs_ae", "timeline",
+    for stem in ("by_source", "activation", "pca", "kmeans_vs_ae", "own_fit", "timeline",
                  "compare_efficientnet-lite0_vs_efficientnet-lite1",
                  "layers_efficientnet-lite0", "samples_efficientnet-lite0",
                  "layer_samples_efficientnet-lite0"):
@@ -216,3 +216,38 @@ def test_labels_name_nearly_every_clustered_kernel_and_the_names_hold(reported):
     for _, c in named.iterrows():
         if c["label"] != templates.HIGH_FREQUENCY:
             assert c["score"] >= thr, (c["label"], c["score"])
+
+
+def test_own_fit_table_recomputes_from_rows_and_kernels(reported, embedded_dir):
+    """own_fit.csv: the run's name and each kernel's own fit for every live kernel (the README
+    job has fewer than the sample size), and the classes whose shares do not hang on the
+    training draw: On-/Off-Centre and the first derivatives match their own-fit shares (seeds
+    0-4: within 3.2 points, precision >= 0.80, recall >= 0.77; first derivatives merged within
+    1.5 points; BUILD_NOTES "Labels")."""
+    from dwjax.io import shards
+    from dwjax.patterns import labels as labels_lib
+    from dwjax.patterns import name_checks
+
+    _, out, rows = reported
+    got = _csv(out, "own_fit.csv").set_index("class")
+    run_names, own_names = [], []
+    for s in shards.iter_shards(embedded_dir, 5):
+        r = rows[rows["source"] == s.source]
+        label = r["label"].astype(str).to_numpy()
+        live = label != "Dead"
+        assert len(r) == len(s.kernels) and live.sum() >= len(r) - 5
+        run_names.append(np.where(r["clustered"].to_numpy()[live], label[live], "Unclustered"))
+        own_names.append(labels_lib.name_kernels(np.asarray(s.kernels)[live], 5)[0])
+    want = name_checks.agreement(np.concatenate(run_names), np.concatenate(own_names),
+                                 templates.class_names(5))
+    assert list(got.index) == [w["class"] for w in want]
+    for w in want:
+        for col in ("autoencoder", "own_fit", "both", "precision", "recall"):
+            v = got.loc[w["class"], col]
+            assert (pd.isna(v) if w[col] is None else v == pytest.approx(w[col], abs=1e-6))
+    for c in ("On-Centre", "Off-Centre"):
+        assert abs(got.loc[c, "autoencoder"] - got.loc[c, "own_fit"]) < 0.05, c
+        assert got.loc[c, "precision"] >= 0.75 and got.loc[c, "recall"] >= 0.7, c
+    first = [c for c in got.index if "1st derivative" in c]
+    assert len(first) == 4
+    assert abs(got.loc[first, "autoencoder"].sum() - got.loc[first, "own_fit"].sum()) < 0.03

@@ -115,3 +115,47 @@ def check_names(labels: dict, means, counts, samples: Sequence | None = None,
                 "" if best == c else f" (≈ {names[best]} {fitted.score[i, best]:.2f})"))
         out.append({**row, "verdict": verdict, "reason": reason})
     return out
+
+
+NOT_NAMED = "not named"  # the agreement table's row for kernels neither side names
+
+
+def agreement(autoencoder, own_fit, classes: Sequence[str]) -> list[dict]:
+    """Per class: how the autoencoder's names for kernels compare with each kernel's own fit.
+
+    The autoencoder's name depends on the training draw (which classes get code space); a
+    kernel's own fit (`labels.name_kernels`) does not, so the comparison says which class shares
+    a run can trust and which classes its one-dimensional code lost.
+
+    Args:
+      autoencoder: ``[N]`` str, the run's name per kernel: a class, or anything else (unclustered,
+        an unnamed interval, "Others") counted as `NOT_NAMED`.
+      own_fit: ``[N]`` str, each kernel's own best class at the naming threshold, "High-frequency",
+        or anything else (`labels.UNNAMED`) counted as `NOT_NAMED`.
+      classes: the class names to report, in order (`templates.class_names(k)`).
+    Returns:
+      One dict per class in ``classes`` (those neither side names dropped) and a last one for
+      `NOT_NAMED`: ``class``, ``autoencoder`` and ``own_fit`` (shares of the N kernels),
+      ``both`` (share named that class by both), ``precision`` (both / autoencoder: of the
+      kernels the run names so, the share that are so by their own fit; None when the run names
+      none) and ``recall`` (both / own fit; None when no kernel fits the class).
+    """
+    ae = np.asarray(autoencoder, dtype=object)
+    own = np.asarray(own_fit, dtype=object)
+    if ae.shape != own.shape or ae.ndim != 1:
+        raise ValueError(f"autoencoder {ae.shape} and own_fit {own.shape}: one name per kernel")
+    named = [c for c in classes if c != templates.OTHERS]
+    ae = np.where(np.isin(ae, named), ae, NOT_NAMED)
+    own = np.where(np.isin(own, named), own, NOT_NAMED)
+    n = max(1, len(ae))
+    out = []
+    for c in [*named, NOT_NAMED]:
+        a, o = ae == c, own == c
+        if c != NOT_NAMED and not (a.any() or o.any()):
+            continue
+        both = int((a & o).sum())
+        out.append({"class": c, "autoencoder": float(a.sum() / n), "own_fit": float(o.sum() / n),
+                    "both": both / n,
+                    "precision": float(both / a.sum()) if a.any() else None,
+                    "recall": float(both / o.sum()) if o.any() else None})
+    return out

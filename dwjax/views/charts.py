@@ -140,19 +140,24 @@ def plot_boxes(values: dict[str, np.ndarray], stem: str, title: str,
     return plotting.save(fig, stem, formats)
 
 
-def plot_kmeans_vs_autoencoder(sources: Sequence[str], columns: dict[str, np.ndarray], stem: str,
-                               title: str, formats: Sequence[str] = FORMATS) -> list[str]:
-    """Grouped bars: clustered share per source for each method (`columns {method: [S]}`)."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(sources) + 3), 3.8))
+def plot_grouped_bars(groups: Sequence[str], columns: dict[str, np.ndarray], stem: str,
+                      title: str, ylabel: str, formats: Sequence[str] = FORMATS) -> list[str]:
+    """Grouped bars of shares: one group per name in `groups`, one bar per series of
+    `columns {series: [G]}` (e.g. the clustered share per source for each method)."""
+    per_group = min(1.4, 0.3 + 0.2 * len(columns))
+    fig, ax = plt.subplots(figsize=(max(6.0, per_group * len(groups) + 3), 3.8))
     w = 0.8 / len(columns)
     for i, (name, vals) in enumerate(columns.items()):
-        xs = np.arange(len(sources)) + (i - (len(columns) - 1) / 2) * w
+        xs = np.arange(len(groups)) + (i - (len(columns) - 1) / 2) * w
         bars = ax.bar(xs, vals, width=w, label=name, color=_PALETTE[2 * i])
-        ax.bar_label(bars, labels=[f"{v:.0%}" for v in vals], fontsize=6, padding=1)
-    ax.set_xticks(range(len(sources)))
-    ax.set_xticklabels(sources, fontsize=7)
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("clustered share of all kernels", fontsize=8)
+        ax.bar_label(bars, labels=[f"{v:.0%}" if v >= 0.095 else f"{v:.1%}" for v in vals],
+                     fontsize=5 if len(groups) > 6 else 6, padding=1)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=7, rotation=30 if len(groups) > 6 else 0,
+                       ha="right" if len(groups) > 6 else "center")
+    top = max([float(np.max(v)) for v in columns.values() if len(v)] + [0.0])
+    ax.set_ylim(0, min(1.08, 1.15 * top + 0.02))
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()

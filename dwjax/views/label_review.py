@@ -14,11 +14,15 @@ import numpy as np
 from dwjax.model import preprocess
 from dwjax.patterns import family_fit, name_checks, templates
 from dwjax.patterns import labels as labels_lib
-from dwjax.views import plotting
+from dwjax.io import assignment_files
+from dwjax.views import charts, plotting
 from dwjax.views.sections import Context, Entry, write_csv
 
 SAMPLE = 200  # kernels per interval for the sample check
 CHUNK = 65536
+# Kernels fitted one by one for the own-fit comparison: a seeded sample of every kernel beyond it
+# (each costs a pass over the ~22,000-template bank).
+OWN_FIT_KERNELS = 200_000
 
 
 def _accumulate(ctx: Context, labels: dict, rng: np.random.Generator):
@@ -132,3 +136,66 @@ def labels_section(ctx: Context) -> list[Entry]:
                "labels.json). The verdicts are also written into labels.json.")
     return [Entry("Labels: names earned by the kernels", caption, [fig],
                   [ctx.path("labels.csv")])]
+
+
+def _own_fit_sample(ctx: Context, limit: int):
+    """A seeded uniform sample of the run's live kernels, at most `limit`: kernels `[n, k, k]`
+    and the run's name for each `[n]` (its label if clustered, else "Unclustered"); None when a
+    shard is gone. Every kernel when the run has at most `limit`."""
+    sizes = [int(s["kernels"]) for s in ctx.stats]
+    total = sum(sizes)
+    take = np.arange(total) if total <= limit else np.sort(
+        np.random.default_rng(ctx.seed).choice(total, limit, replace=False))
+    kernels, names, start = [], [], 0
+    for s, n in zip(ctx.stats, sizes):
+        kern = ctx.kernels(s)
+        if kern is None:
+            return None
+        idx = take[(take >= start) & (take < start + n)] - start
+        start += n
+        r = ctx.rows(s, ("clustered", "label"))
+        label = np.asarray(r["label"][idx], dtype=object)
+        live = label != assignment_files.DEAD
+        idx = idx[live]
+        kernels.append(np.asarray(kern[idx], np.float32))
+        names.append(np.where(r["clustered"][idx], label[live], assignment_files.UNCLUSTERED))
+    return np.concatenate(kernels), np.concatenate(names)
+
+
+def own_fit_section(ctx: Context, limit: int = OWN_FIT_KERNELS) -> list[Entry]:
+    """`own_fit.csv` and its bars: each class's share by the run's names and by every kernel's own
+    fit (`labels.name_kernels`), with their overlap (`name_checks.agreement`)."""
+    if ctx.settings.get("method") != "autoencoder":
+        return []
+    got = _own_fit_sample(ctx, limit)
+    if got is None:
+        return []
+    kernels, run_names = got
+    k = ctx.kernel_size
+    own, _ = labels_lib.name_kernels(kernels, k)
+    rows = name_checks.agreement(run_names, own, templates.class_names(k))
+    header = ["class", "autoencoder", "own_fit", "both", "precision", "recall"]
+    write_csv(ctx.path("own_fit.csv"), header,
+              [[r["class"], *("" if r[h] is None else f"{r[h]:.6f}" for h in header[1:])]
+               for r in rows])
+    figs = charts.plot_grouped_bars(
+        [r["class"] for r in rows],
+        {"autoencoder (this run)": np.array([r["autoencoder"] for r in rows]),
+         "each kernel's own fit": np.array([r["own_fit"] for r in rows])},
+        ctx.path("own_fit"), f"class shares of {len(own):,} live kernels", "share of kernels",
+        formats=ctx.formats)
+    thr = labels_lib.default_min_similarity(k)
+    sampled = ("every live kernel" if sum(int(s["kernels"]) for s in ctx.stats) <= limit
+               else f"a seeded sample of {len(own):,} live kernels (seed {ctx.seed})")
+    caption = (
+        f"Class shares over {sampled}: by the run (a clustered kernel's interval label) and by "
+        f"the kernel's own fit (its best-fitting family at cosine >= {thr}, the naming "
+        "threshold; 'High-frequency' by the checkerboard test), which does not depend on the "
+        "training draw. 'not named': unclustered, unnamed intervals and 'Others' on the run's "
+        "side; no family and not high-frequency on the other. In own_fit.csv, both: named that "
+        "class by both; precision: of the kernels the run names so, the share that are so by "
+        "their own fit; recall: of the kernels that fit the class, the share the run names so. "
+        "A class with a share by own fit and none by the run got no code interval in this "
+        "training draw (the one-dimensional code holds few minor classes).")
+    return [Entry("Labels vs each kernel's own fit", caption, figs[:1],
+                  [ctx.path("own_fit.csv")])]

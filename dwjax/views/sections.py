@@ -269,10 +269,10 @@ def kmeans_vs_autoencoder(ctx: Context, max_fit: int = 200_000) -> list[Entry]:
             cols[f"k-means ({k})"].append(v)
     header = ["source", "kernels", "autoencoder", *(f"kmeans_{k}" for k in ks)]
     write_csv(ctx.path("kmeans_vs_ae.csv"), header, rows)
-    figs = rfig.plot_kmeans_vs_autoencoder(
+    figs = rfig.plot_grouped_bars(
         [s["source"] for s in ctx.stats], {c: np.asarray(v) for c, v in cols.items()},
         ctx.path("kmeans_vs_ae"), f"clustered share at cosine dissimilarity < {threshold}",
-        formats=ctx.formats)
+        "clustered share of all kernels", formats=ctx.formats)
     return [Entry("Would k-means do? Autoencoder vs k-means",
                   f"Clustered share of all kernels per source. Autoencoder: the run's rows "
                   f"(nearest of {ctx.settings.get('num_codes')} decoded codes). k-means: "
