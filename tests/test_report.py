@@ -251,3 +251,33 @@ def test_own_fit_table_recomputes_from_rows_and_kernels(reported, embedded_dir):
     first = [c for c in got.index if "1st derivative" in c]
     assert len(first) == 4
     assert abs(got.loc[first, "autoencoder"].sum() - got.loc[first, "own_fit"].sum()) < 0.03
+
+
+def test_own_fit_samples_a_seeded_subset_on_larger_runs(reported, tmp_path):
+    import json
+
+    from dwjax.io import assignment_files
+    from dwjax.views import label_review
+
+    workdir, out, _ = reported
+    run = workdir_lib.RunDir(workdir)
+    with open(assignment_files.settings_path(run.assignments)) as f:
+        settings = json.load(f)
+    stats = assignment_files.read_stats(run.assignments, 5)
+    tables = []
+    for seed in (0, 0, 1):
+        ctx = sections.Context(run, stats, settings, formats=("png",), seed=seed,
+                               log=lambda *_: None, out=str(tmp_path / str(len(tables))))
+        os.makedirs(ctx.out)
+        [entry] = label_review.own_fit_section(ctx, limit=4000)
+        # 4,000 drawn, any dead among them dropped
+        assert re.search(r"a seeded sample of (4,000|3,99\d) live kernels \(seed \d\)",
+                         entry.caption)
+        tables.append(pd.read_csv(entry.tables[0]).set_index("class"))
+    full = _csv(out, "own_fit.csv").set_index("class")
+    assert tables[0].equals(tables[1]) and not tables[0].equals(tables[2])
+    for t in tables:
+        assert t["autoencoder"].sum() == pytest.approx(1.0, abs=1e-5)
+        for c in ("On-Centre", "Off-Centre", "not named"):
+            # 4,000 of 23,854: a share's sampling sd is at most 0.008
+            assert abs(t.loc[c, "own_fit"] - full.loc[c, "own_fit"]) < 0.03, c
