@@ -305,6 +305,7 @@ def test_check_names_verdicts():
     assert got[0]["score"] >= 0.95 and got[0]["best"] == "On-Centre" and got[0]["count"] == 200
     assert got[0]["sample_share"] >= 0.9 and got[0]["sample_score"] >= 0.9
     assert "Off-Centre" in got[5]["reason"]  # the mean of a mostly Off-Centre mix
+    assert "under half; the rest is mostly Off-Centre (" in got[5]["reason"]
     assert got[6]["reason"] == "no kernels" and got[3]["best"] is not None
     # Without samples only the mean decides; upright crosses named On-Centre are flagged by their
     # mean. (Crosses at every angle average into a blob: the sample check is what sees them.)

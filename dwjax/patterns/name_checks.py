@@ -107,8 +107,10 @@ def check_names(labels: dict, means, counts, samples: Sequence | None = None,
                 row["sample_share"] = round(share, 4)
                 if share < MIN_SAMPLE_SHARE:
                     top = np.bincount(sf.score[live].argmax(axis=1), minlength=len(names))
-                    problems.append(f"{share:.0%} of the sample is {label}, most is "
-                                    f"{names[int(top.argmax())]}")
+                    rest = [j for j in np.argsort(-top, kind="stable") if top[j] and j != c][:2]
+                    problems.append(
+                        f"{share:.0%} of the sample is {label}, under half; the rest is mostly "
+                        + ", ".join(f"{names[j]} ({top[j] / live.sum():.0%})" for j in rest))
         verdict = FLAGGED if problems else OK
         reason = "; ".join(problems) if problems else (
             f"mean fits {label} at {score:.2f}" + (
