@@ -1,5 +1,6 @@
-"""The report's labels section: does each labelled interval's name hold for the kernels assigned
-to it? (issue "names earned by the kernels").
+"""The report's labels sections: does each labelled interval's name hold for the kernels assigned
+to it? (issue "names earned by the kernels"); and each class's share by the run's names beside its
+share by every kernel's own fit (`own_fit_section`).
 
 Per interval of labels.json: the clustered kernels whose code falls in it, their mean (of the
 centred unit kernels, what the clustering compares) and a seeded sample, checked against the
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from dwjax.io import assignment_files
 from dwjax.model import preprocess
 from dwjax.patterns import family_fit, name_checks, templates
 from dwjax.patterns import labels as labels_lib
-from dwjax.io import assignment_files
 from dwjax.views import charts, plotting
 from dwjax.views.sections import Context, Entry, write_csv
 
@@ -138,10 +139,10 @@ def labels_section(ctx: Context) -> list[Entry]:
                   [ctx.path("labels.csv")])]
 
 
-def _own_fit_sample(ctx: Context, limit: int):
+def _own_fit_sample(ctx: Context, labels: dict, limit: int):
     """A seeded uniform sample of the run's live kernels, at most `limit`: kernels `[n, k, k]`
-    and the run's name for each `[n]` (its label if clustered, else "Unclustered"); None when a
-    shard is gone. Every kernel when the run has at most `limit`."""
+    and the run's name for each `[n]` (its interval's label in ``labels`` if clustered, else
+    "Unclustered"); None when a shard is gone. Every kernel when the run has at most `limit`."""
     sizes = [int(s["kernels"]) for s in ctx.stats]
     total = sum(sizes)
     take = np.arange(total) if total <= limit else np.sort(
@@ -153,12 +154,15 @@ def _own_fit_sample(ctx: Context, limit: int):
             return None
         idx = take[(take >= start) & (take < start + n)] - start
         start += n
-        r = ctx.rows(s, ("clustered", "label"))
-        label = np.asarray(r["label"][idx], dtype=object)
-        live = label != assignment_files.DEAD
+        # the columns the labels section read (cached); the names follow from labels.json,
+        # whose naming the rows' settings hash
+        r = ctx.rows(s, ("code", "clustered"))
+        x = np.asarray(kern[idx], np.float32)
+        live = preprocess.valid_mask(x)  # what assign calls dead
         idx = idx[live]
-        kernels.append(np.asarray(kern[idx], np.float32))
-        names.append(np.where(r["clustered"][idx], label[live], assignment_files.UNCLUSTERED))
+        kernels.append(x[live])
+        names.append(np.where(r["clustered"][idx], labels_lib.label_codes(labels, r["code"][idx]),
+                              assignment_files.UNCLUSTERED))
     return np.concatenate(kernels), np.concatenate(names)
 
 
@@ -167,7 +171,8 @@ def own_fit_section(ctx: Context, limit: int = OWN_FIT_KERNELS) -> list[Entry]:
     fit (`labels.name_kernels`), with their overlap (`name_checks.agreement`)."""
     if ctx.settings.get("method") != "autoencoder":
         return []
-    got = _own_fit_sample(ctx, limit)
+    labels = labels_lib.load_labels(ctx.run.labels_json, ctx.kernel_size)
+    got = _own_fit_sample(ctx, labels, limit)
     if got is None:
         return []
     kernels, run_names = got
