@@ -103,6 +103,7 @@ def _write(rundir: workdir_lib.RunDir, stats: list[dict], out: str, layers: list
         steps.append(("timeline", lambda c: source_sections.timeline(c, timeline)))
     for name, step in steps:
         new = step(ctx)
+        ctx.release_pages()
         entries += new
         log(f"  {name}: {sum(len(e.figures) for e in new)} figures, "
             f"{sum(len(e.tables) for e in new)} tables")

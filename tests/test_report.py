@@ -281,3 +281,35 @@ def test_own_fit_samples_a_seeded_subset_on_larger_runs(reported, tmp_path):
         for c in ("On-Centre", "Off-Centre", "not named"):
             # 4,000 of 23,854: a share's sampling sd is at most 0.008
             assert abs(t.loc[c, "own_fit"] - full.loc[c, "own_fit"]) < 0.03, c
+
+
+def test_sparse_shard_reads_leave_nothing_mapped_and_labels_share_their_strings(tmp_path):
+    """What keeps the report's memory off the shard size: `shards.take_rows` returns the rows a
+    fancy index would and unmaps each block's span (a sparse sample otherwise faults in read-ahead
+    windows covering most of the file), and a row file's label column holds one str per name."""
+    import pyarrow as pa
+
+    from dwjax.io import assignment_rows, shards
+
+    path = str(tmp_path / "k.npy")
+    rng = np.random.default_rng(0)
+    np.save(path, rng.standard_normal((400_000, 5, 5)).astype(np.float32))
+    mm = np.load(path, mmap_mode="r")
+
+    def rss_file_kib() -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("RssFile:")).split()[1])
+
+    idx = np.sort(rng.choice(len(mm), 20_000, replace=False))
+    before = rss_file_kib()
+    got = shards.take_rows(mm, idx, block=512)
+    grown = rss_file_kib() - before
+    np.testing.assert_array_equal(got, np.asarray(mm[idx]))  # this read maps the pages
+    assert got.dtype == np.float32 and got.shape == (20_000, 5, 5)
+    # 20,000 rows of 100 bytes spread over 40 MB: at most a few blocks' spans stay mapped
+    assert grown < 0.2 * mm.nbytes / 1024, (grown, mm.nbytes // 1024)
+    assert rss_file_kib() - before > 0.5 * mm.nbytes / 1024  # the plain fancy index kept them
+    names = pa.array(["On-Centre", "Unclustered", "On-Centre"] * 1000).dictionary_encode()
+    label = assignment_rows.from_arrow(pa.table({"label": names}), ["label"])["label"]
+    assert label.dtype == object and list(label[:3]) == ["On-Centre", "Unclustered", "On-Centre"]
+    assert len({id(x) for x in label}) == 2  # one str per distinct name, not one per row

@@ -120,13 +120,21 @@ def text_rows(where: Where, rows: Rows, label_names: Sequence[str]) -> list[tupl
 
 
 def from_arrow(table: pa.Table, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    """Columns `{name: [n]}` of a row file read with pyarrow; text columns as object arrays."""
+    """Columns `{name: [n]}` of a row file read with pyarrow; text columns as object arrays.
+
+    A dictionary column's rows point at one str per distinct value (8 bytes a row), not a str
+    each: a part's label column is a handful of names over millions of rows.
+    """
     out = {}
     for name in columns:
         col = table.column(name)
         if pa.types.is_dictionary(col.type):
-            col = col.cast(pa.string())
-        out[name] = col.to_numpy()
+            chunks = [np.asarray(c.dictionary.to_pylist() + [None], dtype=object)[
+                np.asarray(c.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)]
+                for c in col.chunks]
+            out[name] = (np.concatenate(chunks) if chunks else np.zeros(0, dtype=object))
+        else:
+            out[name] = col.to_numpy()
     return out
 
 

@@ -283,6 +283,20 @@ def release_pages(kernels, start: int, stop: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def take_rows(kernels, index: np.ndarray, block: int = 2048) -> np.ndarray:
+    """`kernels[index]` for sorted row indices `[n]` (float32 `[n, k, k]`), gathered `block` rows
+    at a time with the pages of each block's span released after it (`release_pages`): a sparse
+    sample of a memory-mapped shard would otherwise fault in, and keep, read-ahead windows
+    covering most of the file."""
+    index = np.asarray(index, np.int64)
+    out = np.empty((len(index), *kernels.shape[1:]), np.float32)
+    for a in range(0, len(index), block):
+        part = index[a:a + block]
+        out[a:a + len(part)] = kernels[part]
+        release_pages(kernels, int(part[0]), int(part[-1]) + 1)
+    return out
+
+
 def count_kernels(data_dir: str, kernel_size: int) -> int:
     return int(read_manifest(data_dir)["totals"].get(f"{kernel_size}x{kernel_size}", 0))
 

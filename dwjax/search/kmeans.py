@@ -13,7 +13,7 @@ ties by centroid lexicographic) so cluster ids are stable across runs.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +50,17 @@ def encode_valid(kernels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sample_valid(arrays: Sequence, max_fit: int, seed: int,
-                 chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
-    """The min-max codes `[n, k*k]` of up to `max_fit` live kernels of `arrays` (each `[N_i, k, k]`,
-    e.g. memory-mapped shards), read `chunk_size` rows at a time: memory O(max_fit + chunk), not
-    O(ΣN_i).
+                 chunk_size: int = DEFAULT_CHUNK,
+                 encode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = encode_valid,
+                 ) -> np.ndarray:
+    """The codes `[n, D]` (`encode`; default the min-max codes, D = k*k) of up to `max_fit` live
+    kernels of `arrays` (each `[N_i, k, k]`, e.g. memory-mapped shards), read `chunk_size` rows at
+    a time: memory O(max_fit + chunk), not O(ΣN_i).
 
-    The same rows as `encode_valid` of all arrays concatenated, then (when more than `max_fit`)
-    the sorted draw `default_rng(seed).choice(n, max_fit, replace=False)`: one pass counts the live
-    kernels, a second gathers the drawn ones.
+    The same rows as `encode` of all arrays concatenated, then (when more than `max_fit`) the
+    sorted draw `default_rng(seed).choice(n, max_fit, replace=False)`: one pass counts the live
+    kernels, a second gathers the drawn ones. `encode` maps `[m, k, k]` to `(codes of the live
+    ones, live mask [m])`, as `encode_valid` does.
     """
     def chunks():
         for a in arrays:
@@ -72,7 +75,7 @@ def sample_valid(arrays: Sequence, max_fit: int, seed: int,
             if n > max_fit else None)
     out, offset = [], 0
     for a, start, stop in chunks():
-        x, _ = encode_valid(a[start:stop])
+        x, _ = encode(a[start:stop])
         shards.release_pages(a, start, stop)
         m = len(x)
         if pick is not None:

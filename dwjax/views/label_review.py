@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dwjax.io import assignment_files
+from dwjax.io import assignment_files, shards
 from dwjax.model import preprocess
 from dwjax.patterns import family_fit, name_checks, templates
 from dwjax.patterns import labels as labels_lib
@@ -42,7 +42,8 @@ def _accumulate(ctx: Context, labels: dict, rng: np.random.Generator):
         which = labels_lib.interval_index(labels, r["code"][rows])
         for a in range(0, len(rows), CHUNK):
             idx, iv = rows[a:a + CHUNK], which[a:a + CHUNK]
-            unit = np.asarray(preprocess.centre_and_normalise(np.asarray(kern[idx])), np.float64)
+            unit = np.asarray(preprocess.centre_and_normalise(shards.take_rows(kern, idx)),
+                              np.float64)
             inside = iv >= 0
             np.add.at(sums, iv[inside], unit[inside])
             counts += np.bincount(iv[inside], minlength=n_iv)
@@ -50,7 +51,7 @@ def _accumulate(ctx: Context, labels: dict, rng: np.random.Generator):
             members = rows[which == j]
             if len(members):
                 take = np.sort(rng.choice(members, min(SAMPLE, len(members)), replace=False))
-                picked[j].append(np.asarray(kern[take], np.float32))
+                picked[j].append(shards.take_rows(kern, take))
     samples = []
     for j in range(n_iv):
         pool = np.concatenate(picked[j]) if picked[j] else np.zeros((0, k, k), np.float32)
@@ -157,7 +158,7 @@ def _own_fit_sample(ctx: Context, labels: dict, limit: int):
         # the columns the labels section read (cached); the names follow from labels.json,
         # whose naming the rows' settings hash
         r = ctx.rows(s, ("code", "clustered"))
-        x = np.asarray(kern[idx], np.float32)
+        x = shards.take_rows(kern, idx)
         live = preprocess.valid_mask(x)  # what assign calls dead
         idx = idx[live]
         kernels.append(x[live])
@@ -177,7 +178,9 @@ def own_fit_section(ctx: Context, limit: int = OWN_FIT_KERNELS) -> list[Entry]:
         return []
     kernels, run_names = got
     k = ctx.kernel_size
-    own, _ = labels_lib.name_kernels(kernels, k)
+    # in chunks: the fit's and the checkerboard test's temporaries grow with the batch
+    own = np.concatenate([labels_lib.name_kernels(kernels[a:a + CHUNK], k)[0]
+                          for a in range(0, len(kernels), CHUNK)] or [np.zeros(0, str)])
     rows = name_checks.agreement(run_names, own, templates.class_names(k))
     header = ["class", "autoencoder", "own_fit", "both", "precision", "recall"]
     write_csv(ctx.path("own_fit.csv"), header,

@@ -45,6 +45,7 @@ class Context:
     log: Callable[[str], None] = print
     out: str = ""  # where the parts write: the report directory being built
     _rows: dict = dataclasses.field(default_factory=dict)
+    _maps: list = dataclasses.field(default_factory=list)
 
     @property
     def kernel_size(self) -> int:
@@ -70,7 +71,19 @@ class Context:
         key = ("sha_ok", path)
         if key not in self._rows:
             self._rows[key] = shards.sha256_file(path) == s["shard_sha256"]
-        return np.load(path, mmap_mode="r") if self._rows[key] else None
+        if not self._rows[key]:
+            return None
+        kern = np.load(path, mmap_mode="r")
+        self._maps.append(kern)
+        return kern
+
+    def release_pages(self) -> None:
+        """Every shard page a part read leaves this process's resident memory (`shards.
+        release_pages`): random reads fault whole read-ahead windows in, so a part that samples
+        a shard would otherwise keep most of it mapped."""
+        for kern in self._maps:
+            shards.release_pages(kern, 0, len(kern))
+        self._maps.clear()
 
     def source(self, name: str) -> dict:
         for s in self.stats:
@@ -161,8 +174,8 @@ def activation(ctx: Context) -> list[Entry]:
         return []
     write_csv(ctx.path("activation.csv"), tables.QUARTILE_COLUMNS,
               [[row[0], row[1], *map(_f, row[2:])] for row in rows])
-    label = r["label"].astype(str)
-    values = {row[0]: r["total_activation"][r["clustered"] & (label == row[0])] for row in rows}
+    values = {row[0]: r["total_activation"][r["clustered"] & (r["label"] == row[0])]
+              for row in rows}
     figs = rfig.plot_boxes(values, ctx.path("activation"),
                            "total activation (sum of raw weights) per class, every source",
                            formats=ctx.formats)
@@ -184,14 +197,14 @@ def _sample(ctx: Context, n_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
         if k is None:
             return None
         r = ctx.rows(s, ("label", "clustered"))
-        parts.append((k, r["label"].astype(str), r["clustered"]))
+        parts.append((k, r["label"], r["clustered"]))
     total = sum(len(p[0]) for p in parts)
     rng = np.random.default_rng(ctx.seed)
     out = []
     for k, label, cl in parts:
         take = min(len(k), int(np.ceil(n_max * len(k) / max(total, 1))))
         idx = np.sort(rng.choice(len(k), take, replace=False))
-        kern = np.asarray(k[idx])
+        kern = shards.take_rows(k, idx)
         live = preprocess.valid_mask(kern)
         out.append((kern[live], label[idx][live], cl[idx][live]))
     return tuple(np.concatenate([o[i] for o in out]) for i in range(3))
@@ -232,23 +245,34 @@ def pca(ctx: Context) -> list[Entry]:
 
 
 # ----------------------------------------------------------------- 4. k-means vs autoencoder
+def _embed_valid(kernels) -> tuple[np.ndarray, np.ndarray]:
+    """`[m, k, k]` → (`[n, k*k-1]` unit hyperplane coordinates of the live kernels, live `[m]`)."""
+    valid = preprocess.valid_mask(kernels)
+    return np.asarray(preprocess.embed(np.asarray(kernels[valid]))), valid
+
+
+def _kmeans_clustered_count(kern, centroids: np.ndarray, threshold: float,
+                            chunk: int = kmeans.DEFAULT_CHUNK) -> int:
+    """How many live kernels of a shard `[N, k, k]` `tables.kmeans_clustered` counts, read `chunk`
+    rows at a time (memory O(chunk), not O(N))."""
+    n = 0
+    for a in range(0, len(kern), chunk):
+        x, _ = _embed_valid(kern[a:a + chunk])
+        shards.release_pages(kern, a, a + chunk)
+        n += int(tables.kmeans_clustered(x, centroids, threshold).sum())
+    return n
+
+
 def kmeans_vs_autoencoder(ctx: Context, max_fit: int = 200_000) -> list[Entry]:
-    """The reviewers' question on the user's kernels: would k-means do? (`kmeans_vs_ae.csv`)."""
+    """The reviewers' question on the user's kernels: would k-means do? (`kmeans_vs_ae.csv`).
+    Fitted on up to `max_fit` live kernels, every kernel judged: memory O(max_fit), not O(N)."""
     if ctx.settings.get("method") != "autoencoder":
         return []
     threshold = float(ctx.settings["threshold"])
-    coords, per_source = [], []
-    for s in ctx.stats:
-        k = ctx.kernels(s)
-        if k is None:
-            return []
-        x = np.asarray(preprocess.embed(np.asarray(k[preprocess.valid_mask(k)])))
-        coords.append(x)
-        per_source.append(x)
-    allx = np.concatenate(coords)
-    fit = allx
-    if len(fit) > max_fit:
-        fit = fit[np.sort(np.random.default_rng(ctx.seed).choice(len(fit), max_fit, False))]
+    arrays = [ctx.kernels(s) for s in ctx.stats]
+    if any(a is None for a in arrays):
+        return []
+    fit = kmeans.sample_valid(arrays, max_fit, ctx.seed, encode=_embed_valid)
     with open(ctx.run.labels_json) as f:
         n_intervals = len(json.load(f)["intervals"])
     # a run with fewer than 2 labelled intervals (the random-init control) compares 10 only
@@ -258,11 +282,11 @@ def kmeans_vs_autoencoder(ctx: Context, max_fit: int = 200_000) -> list[Entry]:
     verdicts = {}
     for k in ks:
         centroids, _ = kmeans.fit_kmeans(fit, k, ctx.seed)
-        verdicts[k] = [tables.kmeans_clustered(x, centroids, threshold) for x in per_source]
+        verdicts[k] = [_kmeans_clustered_count(a, centroids, threshold) for a in arrays]
     rows, cols = [], {"autoencoder": [], **{f"k-means ({k})": [] for k in ks}}
     for s, i in zip(ctx.stats, range(len(ctx.stats))):
         ae = s["clustered"] / max(1, s["kernels"])
-        km = [verdicts[k][i].sum() / max(1, s["kernels"]) for k in ks]
+        km = [verdicts[k][i] / max(1, s["kernels"]) for k in ks]
         rows.append([s["source"], s["kernels"], _f(ae), *map(_f, km)])
         cols["autoencoder"].append(ae)
         for k, v in zip(ks, km):

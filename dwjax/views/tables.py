@@ -68,7 +68,7 @@ def activation_quartiles(label: np.ndarray, clustered: np.ndarray, total: np.nda
                          ) -> list[list]:
     """Per clustered class (paper order): n, min, quartiles, max and mean of the total activation
     (sum of the raw kernel's weights, Fig. 10). Inputs are rows `[N]`."""
-    label = label.astype(str)
+    label = np.asarray(label, dtype=object)  # a str per row would cost ~4 bytes a character
     out = []
     for c in class_order(label[clustered]):
         x = np.asarray(total[clustered & (label == c)], np.float64)
