@@ -182,7 +182,7 @@ def _sample(shard_list: list[shards.Shard], n: int, seed: int) -> np.ndarray:
             kern = np.asarray(s.kernels)
         else:
             take = min(m, int(np.ceil(n * m / total)))
-            kern = np.asarray(s.kernels[np.sort(rng.choice(m, take, replace=False))])
+            kern = shards.take_rows(s.kernels, np.sort(rng.choice(m, take, replace=False)))
         units, live = master_keys.unit_kernels(kern)
         out.append(units[live])
     return np.concatenate(out)[:n]
