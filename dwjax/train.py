@@ -26,6 +26,11 @@ from dwjax.model import mesh as mesh_lib
 from dwjax.model import steps
 
 
+# Calls dispatched ahead of the one the host waits for: enough to keep the device fed while the
+# host reads the next stack, few enough that memory does not grow with the epoch.
+IN_FLIGHT = 2
+
+
 @dataclasses.dataclass
 class TrainResult:
     model: model_lib.Autoencoder   # trained, ready for encode/decode
@@ -111,6 +116,10 @@ def _train(config: ml_collections.ConfigDict, run: workdir_lib.RunDir,
                 params, opt_state, loss = step_fn(params, opt_state,
                                                   mesh_lib.shard_steps(mesh, kernels))
                 losses.append(loss)
+                if len(losses) > IN_FLIGHT:
+                    # dispatch is asynchronous: unchecked, the host would queue the whole
+                    # epoch's batches on the device's queue (memory growing with the data)
+                    losses[-1 - IN_FLIGHT].block_until_ready()
             losses = np.concatenate(jax.device_get(losses)).astype(np.float64)
             dataset.release_pages()
             _check_finite(losses, epoch * steps_per_epoch, config)  # before any checkpoint

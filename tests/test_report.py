@@ -309,6 +309,8 @@ def test_sparse_shard_reads_leave_nothing_mapped_and_labels_share_their_strings(
     # 20,000 rows of 100 bytes spread over 40 MB: at most a few blocks' spans stay mapped
     assert grown < 0.2 * mm.nbytes / 1024, (grown, mm.nbytes // 1024)
     assert rss_file_kib() - before > 0.5 * mm.nbytes / 1024  # the plain fancy index kept them
+    shuffled = rng.permutation(idx)  # any order (training's batches): read sorted, put back
+    np.testing.assert_array_equal(shards.take_rows(mm, shuffled), np.asarray(mm[shuffled]))
     names = pa.array(["On-Centre", "Unclustered", "On-Centre"] * 1000).dictionary_encode()
     label = assignment_rows.from_arrow(pa.table({"label": names}), ["label"])["label"]
     assert label.dtype == object and list(label[:3]) == ["On-Centre", "Unclustered", "On-Centre"]

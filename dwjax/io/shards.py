@@ -283,16 +283,21 @@ def release_pages(kernels, start: int, stop: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-def take_rows(kernels, index: np.ndarray, block: int = 2048) -> np.ndarray:
-    """`kernels[index]` for sorted row indices `[n]` (float32 `[n, k, k]`), gathered `block` rows
-    at a time with the pages of each block's span released after it (`release_pages`): a sparse
-    sample of a memory-mapped shard would otherwise fault in, and keep, read-ahead windows
-    covering most of the file."""
+def take_rows(kernels, index: np.ndarray, block: int = 512) -> np.ndarray:
+    """`kernels[index]` for row indices `[n]` (float32 `[n, k, k]`), read in ascending row order
+    `block` rows at a time, the pages of each block's span released after it (`release_pages`).
+
+    Why: a page fault on a file cached in large folios maps the whole folio (about 2 MB on this
+    workplace's kernel), so a sparse read of a memory-mapped shard maps most of the file;
+    reading in order and releasing as it goes keeps that to one block's span.
+    """
     index = np.asarray(index, np.int64)
+    order = np.argsort(index, kind="stable")
+    ordered = index[order]
     out = np.empty((len(index), *kernels.shape[1:]), np.float32)
     for a in range(0, len(index), block):
-        part = index[a:a + block]
-        out[a:a + len(part)] = kernels[part]
+        part = ordered[a:a + block]
+        out[order[a:a + block]] = kernels[part]
         release_pages(kernels, int(part[0]), int(part[-1]) + 1)
     return out
 

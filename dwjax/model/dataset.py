@@ -1,8 +1,9 @@
 """Training data streamed from memory-mapped kernel shards.
 
 Kernels stay on disk (np.memmap); only the valid-kernel index (int64 per kernel) and one stack of
-batches at a time are held in host memory, and pages read are released every epoch, so a large
-dataset is not held twice. Every epoch is a fresh
+batches at a time are held in host memory, and the pages a read maps are released right after it
+(random rows fault in read-ahead windows: an epoch would otherwise map the whole dataset), so a
+large dataset is not held twice. Every epoch is a fresh
 permutation drawn from (seed, epoch): a resumed run sees exactly the batches an uninterrupted one
 does.
 """
@@ -74,7 +75,7 @@ class KernelDataset:
         out = np.empty((len(flat), self.kernel_size, self.kernel_size), np.float32)
         for s in np.unique(shard_of):
             sel = shard_of == s
-            out[sel] = self.shards[s].kernels[flat[sel] - self.offsets[s]]
+            out[sel] = shards.take_rows(self.shards[s].kernels, flat[sel] - self.offsets[s])
         return out.reshape(*index.shape, self.kernel_size, self.kernel_size)
 
     def release_pages(self) -> None:
