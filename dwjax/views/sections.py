@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import json
 import os
-from collections import defaultdict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -55,7 +54,12 @@ class Context:
         return os.path.join(self.out, name)
 
     def rows(self, s: dict, columns: Sequence[str]) -> dict[str, np.ndarray]:
-        """One shard's row columns `{name: [n]}` in shard order (cached per shard and column)."""
+        """One shard's row columns `{name: [n]}` in shard order (cached per column for the shard
+        last asked for: parts walk the shards in order, and holding every shard's columns would
+        grow with the job, about 21 bytes a kernel)."""
+        if s["shard_dir"] not in self._rows:
+            for key in [k for k in self._rows if not isinstance(k, tuple)]:
+                del self._rows[key]  # another shard's columns ("sha_ok" entries stay)
         cache = self._rows.setdefault(s["shard_dir"], {})
         missing = [c for c in columns if c not in cache]
         if missing:
@@ -168,14 +172,18 @@ def shares(ctx: Context) -> list[Entry]:
 def activation(ctx: Context) -> list[Entry]:
     """`activation.csv` (quartiles per class) and its box plots (Fig. 10)."""
     cols = ("label", "clustered", "total_activation")
-    r = {c: np.concatenate([ctx.rows(s, cols)[c] for s in ctx.stats]) for c in cols}
-    rows = tables.activation_quartiles(r["label"], r["clustered"], r["total_activation"])
+    label, total = [], []
+    for s in ctx.stats:  # the clustered rows only: 12 bytes a kernel held, not every column
+        r = ctx.rows(s, cols)
+        label.append(r["label"][r["clustered"]])
+        total.append(r["total_activation"][r["clustered"]])
+    label, total = np.concatenate(label), np.concatenate(total)
+    rows = tables.activation_quartiles(label, np.ones(len(label), bool), total)
     if not rows:
         return []
     write_csv(ctx.path("activation.csv"), tables.QUARTILE_COLUMNS,
               [[row[0], row[1], *map(_f, row[2:])] for row in rows])
-    values = {row[0]: r["total_activation"][r["clustered"] & (r["label"] == row[0])]
-              for row in rows}
+    values = {row[0]: total[label == row[0]] for row in rows}
     figs = rfig.plot_boxes(values, ctx.path("activation"),
                            "total activation (sum of raw weights) per class, every source",
                            formats=ctx.formats)
@@ -320,15 +328,15 @@ def class_samples(ctx: Context, per_class: int = 12) -> list[Entry]:
         if kern is None:
             continue
         r = ctx.rows(s, ("clustered", "label"))
-        by_class = defaultdict(list)
-        for i in np.flatnonzero(r["clustered"]):
-            by_class[str(r["label"][i])].append(i)
+        rows = np.flatnonzero(r["clustered"])
+        label = r["label"][rows]
         groups = {}
-        for c in tables.class_order(by_class):
-            pick = np.sort(rng.choice(by_class[c], min(per_class, len(by_class[c])), False))
-            groups[f"{c} ({len(by_class[c]):,})"] = np.asarray(kern[pick])
+        for c in tables.class_order(label):
+            members = rows[label == c]
+            pick = np.sort(rng.choice(members, min(per_class, len(members)), False))
+            groups[f"{c} ({len(members):,})"] = shards.take_rows(kern, pick)
         pick = rng.choice(len(kern), min(2 * per_class, len(kern)), False)
-        anyk = np.asarray(kern[np.sort(pick)])
+        anyk = shards.take_rows(kern, np.sort(pick))
         groups["unfiltered random"] = anyk[:per_class]
         groups["unfiltered random "] = anyk[per_class:]
         figs.append(plotting.plot_gallery(
@@ -360,7 +368,7 @@ def layer_samples(ctx: Context, layers: Sequence[int], per_layer: int = 16) -> l
             m = np.flatnonzero(layer == ids[i])
             pick = np.sort(rng.choice(m, min(per_layer, len(m)), False))
             groups[f"layer {i} ({s['layers'][i]['clustered'] / max(1, len(m)):.0%} clustered)"] = \
-                np.asarray(kern[pick])
+                shards.take_rows(kern, pick)
         figs.append(plotting.plot_gallery(
             groups, ctx.path(f"layer_samples_{_slug(s['source'])}.png"),
             f"{s['source']}: random kernels of chosen layers (clustered share)",
@@ -382,7 +390,7 @@ def regular_vs_depthwise(ctx: Context, per_row: int = 12, rows: int = 3) -> list
             continue
         n = min(per_row * rows, len(regular))
         reg = regular[np.sort(rng.choice(len(regular), n, False))]
-        dw = np.asarray(depthwise[np.sort(rng.choice(len(depthwise), n, False))])
+        dw = shards.take_rows(depthwise, np.sort(rng.choice(len(depthwise), n, False)))
         groups = {}
         for i in range(0, n, per_row):
             groups[f"regular {k}×{k}" + " " * (i // per_row)] = reg[i:i + per_row]
