@@ -338,11 +338,9 @@ def _sample(shard_list: list[shards.Shard], n: int = 2048) -> np.ndarray:
     for s in shard_list:
         m = max(1, round(n * len(s.kernels) / max(total, 1)))
         idx = np.unique(np.linspace(0, len(s.kernels) - 1, min(m, len(s.kernels))).astype(int))
-        # Released every few rows: each far-apart read faults in a read-ahead window of the file,
-        # and over the whole sample those windows would map most of it at once.
-        for g in range(0, len(idx), 128):
-            picks.append(np.asarray(s.kernels[idx[g:g + 128]], np.float32))
-            shards.release_pages(s.kernels, 0, len(s.kernels))
+        # Released every few rows: each far-apart read maps a large folio of the file, and over
+        # the whole sample those would map most of it at once.
+        picks.append(shards.take_rows(s.kernels, idx, block=128))
     return np.concatenate(picks)
 
 
